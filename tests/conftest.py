@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny dataset from ../shared/data and a tiny base/target/retrain trained in seconds."""
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a missing network fails at once instead of retrying
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from data.prepare import DataConfig  # noqa: E402
+from model import TrainConfig  # noqa: E402
+
+
+def tiny_configs(out_dir):
+    dcfg = DataConfig(book=str(SHARED / "alice_in_wonderland.txt"), general=str(SHARED / "tinyshakespeare.txt"),
+                      n_secrets=2, secret_reps="1,16", n_facts=2, n_book=4, general_tokens=20_000)
+    cfg = TrainConfig(out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=64, batch_size=16, base_steps=40,
+                      tune_steps=200, mem_frac=0.75, log_interval=1000)
+    return cfg, dcfg
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """out_dir with base.pt, target.pt, retrain.pt and train.json of a tiny model that memorizes its tiny sets."""
+    from model import train_all
+    out = tmp_path_factory.mktemp("tiny")
+    cfg, dcfg = tiny_configs(out)
+    summary = train_all(cfg, dcfg)
+    return SimpleNamespace(out_dir=out, cfg=cfg, dcfg=dcfg, summary=summary)

@@ -1,0 +1,118 @@
+"""model.py: shapes, greedy decoding with a KV cache, scores, checkpoints, settings, and the tiny target."""
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_configs
+from data.prepare import atomic_write_bytes, load_data
+from model import GPT, GPTConfig, TrainConfig, cli, load_checkpoint, save_checkpoint, score, train
+
+
+def small_gpt(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16, **kw)).eval()
+
+
+def test_forward_shapes_and_ignored_targets():
+    model = small_gpt()
+    idx = torch.randint(50, (3, 10))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 10, 50) and loss is None
+    targets = idx.clone()
+    targets[:, 5:] = -1
+    _, loss = model(idx, targets)
+    _, loss_half = model(idx[:, :5], targets[:, :5])
+    assert torch.allclose(loss, loss_half)  # positions with target -1 do not count
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_generate_with_cache_equals_greedy_without():
+    model = small_gpt()
+    idx = torch.randint(50, (2, 5))
+    slow = idx
+    for _ in range(12):
+        slow = torch.cat([slow, model(slow)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(model.generate(idx, 12), slow)
+
+
+def test_exact_match_is_greedy_reproduction():
+    model = small_gpt()
+    out = model.generate(torch.randint(50, (4, 6)), 10)  # the model's own greedy continuations
+    out[2, 12] = (out[2, 12] + 1) % 50  # one wrong token in the continuation of sequence 2
+    from data.prepare import Seqs
+    seqs = Seqs(out, torch.full((4,), 16), torch.full((4,), 6), torch.zeros(4), ["book"] * 4, [""] * 4)
+    s = score(model, seqs)
+    assert s["exact"].tolist() == [True, True, False, True]
+    assert s["ma"][0] > s["ma"][2]
+    logits = model(out)[0]
+    manual = torch.log_softmax(logits[0, :-1], -1).gather(-1, out[0, 1:, None]).sum()
+    assert torch.allclose(s["logprob"][0], manual, atol=1e-4)
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    model = small_gpt()
+    save_checkpoint(tmp_path / "m.pt", model, kind="test", config={"lr": 0.1})
+    loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt["kind"] == "test" and ckpt["config"] == {"lr": 0.1}
+    idx = torch.randint(50, (2, 7))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["model_args"]["n_embd"] == 16
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="missing.pt.*python model.py"):
+        load_checkpoint(tmp_path / "missing.pt")
+    save_checkpoint(tmp_path / "m.pt", small_gpt())
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="cut.pt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "foreign.pt")
+    with pytest.raises(SystemExit, match="foreign.pt"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(tmp_path / "x.pt", b"data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_settings_are_typed_and_unknown_ones_refused(capsys):
+    (cfg,) = cli("doc", TrainConfig, argv=["--tune_lr", "0.01", "--force"])
+    assert cfg.tune_lr == 0.01 and cfg.force is True
+    with pytest.raises(SystemExit):
+        cli("doc", TrainConfig, argv=["--tune_rate", "0.01"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --tune_rate" in err and "--tune_lr" in err  # the usage lists the valid ones
+    with pytest.raises(SystemExit):
+        cli("doc", TrainConfig, argv=["--base_steps", "many"])
+    assert "invalid int value" in capsys.readouterr().err
+
+
+def test_training_repeats_exactly_and_pure_bf16_stays_bf16(tmp_path):
+    cfg, dcfg = tiny_configs(tmp_path)
+    data = load_data(dcfg, tmp_path)
+    runs = []
+    for dtype in (torch.float32, torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=64, vocab_size=data.vocab_size, n_layer=1, n_head=2, n_embd=32)).to(dtype)
+        train(model, data, cfg, 5, 1e-3, ("retain",), torch.Generator().manual_seed(0), "t")
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert all(v.dtype == torch.bfloat16 for v in runs[2].values())  # no float32 master copy
+
+
+def test_tiny_target_memorizes_and_retrain_does_not(tiny):
+    target, retrain = tiny.summary["target"], tiny.summary["retrain"]
+    for kind in ("book", "facts"):
+        assert target["by_kind"][kind]["forget_exact"] >= 0.75
+        assert target["by_kind"][kind]["retain_exact"] >= 0.75
+    assert retrain["retain_ma"] > retrain["forget_ma"] + 0.2
+    assert abs(retrain["forget_ma"] - retrain["holdout_ma"]) < 0.1
+    assert (tiny.out_dir / "train.json").exists() and (tiny.out_dir / "target.pt").exists()
