@@ -32,7 +32,7 @@ from data.prepare import DataConfig, atomic_write_bytes, load_data
 
 @dataclass
 class GPTConfig:
-    block_size: int = 64  # longest context
+    block_size: int = 48  # longest context (set from the data's seq_len)
     vocab_size: int = 4096  # set from the data's compact vocabulary
     n_layer: int = 4
     n_head: int = 4
@@ -299,12 +299,12 @@ class TrainConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    batch_size: int = 32
-    base_steps: int = 300  # steps on the general corpus
+    batch_size: int = 16
+    base_steps: int = 100  # steps on the general corpus
     base_lr: float = 3e-3
-    tune_steps: int = 360  # fine-tuning steps for target and for retrain (the same recipe)
-    tune_lr: float = 2e-3
-    mem_frac: float = 0.75  # share of each fine-tuning batch drawn from the memorized sequences (rest: general)
+    tune_epochs: float = 1.0  # passes over the target's exposures (each sequence `reps` times); retrain: same steps
+    tune_lr: float = 6e-3
+    mem_frac: float = 0.9  # share of each fine-tuning batch drawn from the memorized sequences (rest: general)
     log_interval: int = 50
     force: bool = False  # retrain checkpoints that exist
 
@@ -318,8 +318,8 @@ def general_batch(stream, n, T, gen):
 
 def train(model, data, cfg, steps, lr, splits, gen, name):
     """AdamW with a short warmup and cosine decay. With splits=(), the general corpus only (the base model); else
-    each batch mixes general windows with memorized sequences drawn from a pool where each one appears `reps` times,
-    in shuffled passes, so a sequence's exposure is proportional to its repetition count."""
+    each batch mixes general windows with memorized sequences drawn, in shuffled order, from a list where each one
+    appears `reps` times: one pass over the list shows every sequence exactly `reps` times."""
     dev, T = next(model.parameters()).device, data.config["seq_len"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     pool = [data.split(s) for s in splits]
@@ -370,6 +370,9 @@ def train_all(cfg, dcfg):
             print(f"{path} exists; skipping (--force retrains)")
             continue
         t0 = time.time()
+        # target and retrain take the same number of steps: tune_epochs passes over the target's exposures
+        tune_steps = math.ceil(cfg.tune_epochs * sum(data.split(s).reps.sum().item() for s in ("forget", "retain"))
+                               / int(cfg.batch_size * cfg.mem_frac))
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed + len(splits))
         if parent is None:
@@ -378,7 +381,7 @@ def train_all(cfg, dcfg):
             model = train(GPT(gcfg).to(dev, dtype), data, cfg, cfg.base_steps, cfg.base_lr, (), gen, name)
         else:
             model, _ = load_checkpoint(out / f"{parent}.pt", dev)
-            model = train(model.train(), data, cfg, cfg.tune_steps, cfg.tune_lr, splits, gen, name)
+            model = train(model.train(), data, cfg, tune_steps, cfg.tune_lr, splits, gen, name)
         model.eval()
         stats = memorization(model, data, by_kind=True)
         stats["holdout_ppl"] = perplexity(model, data.general_val)

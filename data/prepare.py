@@ -2,7 +2,7 @@
 The corpora of nanoUnlearn, built from one seed and tokenized once (SPEC §1).
 
 Three kinds of memorized text, each split into forget / retain / holdout (holdout is never trained on):
-  secrets  synthetic account records; each record is seen `reps` times in training, reps in {1,2,4,8,16},
+  secrets  synthetic account records; each one is seen `reps` times in training, reps in {1,4,16,64,128},
            so memorization strength varies from sequence to sequence (finding 2 needs that spread)
   facts    fictitious people in two paraphrases plus two question/answer blocks (what KnowMem asks about)
   book     consecutive chunks of real public-domain prose (the analogue of MUSE-Books)
@@ -43,14 +43,14 @@ class DataConfig:
     data_seed: int = 1337  # one seed decides every name, number, key and split
     book: str = "auto"  # 'auto' (public-domain play, downloaded once), a UTF-8 file, 'hf:NAME[:SPLIT[:FIELD]]', or 'none'
     general: str = "auto"  # source of the general corpus, same forms as --book
-    seq_len: int = 64  # tokens per memorized sequence (shorter ones are padded)
-    book_prefix: int = 32  # prompt length of a book chunk; the rest is the continuation to reproduce
+    seq_len: int = 48  # tokens per memorized sequence (shorter ones are padded)
+    book_prefix: int = 16  # prompt length of a book chunk; the rest is the continuation to reproduce
     n_secrets: int = 4  # secrets per repetition count per split
-    secret_reps: str = "1,2,4,8,16"  # how many times a forget/retain secret is seen per pass over the training mix
-    n_facts: int = 8  # fictitious people per split (4 sequences each)
-    n_book: int = 16  # book chunks per split
-    mem_reps: int = 8  # copies of each book/fact sequence per pass over the training mix
-    general_tokens: int = 150_000  # tokens of general text (95% train, 5% validation)
+    secret_reps: str = "1,4,16,64,128"  # how many times a forget/retain secret is seen in fine-tuning
+    n_facts: int = 4  # fictitious people per split (4 sequences each)
+    n_book: int = 8  # book chunks per split
+    mem_reps: int = 128  # how many times each forget/retain book or fact sequence is seen in fine-tuning
+    general_tokens: int = 40_000  # tokens of general text (95% train, 5% validation); more text, larger vocabulary
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Seqs:
     x: torch.Tensor  # (N, T) compact token ids
     length: torch.Tensor  # (N,) number of real tokens
     prefix: torch.Tensor  # (N,) prompt length; the continuation x[prefix:length] is what extraction must reproduce
-    reps: torch.Tensor  # (N,) times seen per pass over the training mix (0 for holdout)
+    reps: torch.Tensor  # (N,) times seen in the target's fine-tuning (0 for holdout)
     kind: list  # (N,) 'secrets' | 'facts' | 'book'
     text: list  # (N,) the text itself
 

@@ -5,12 +5,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a missing network fails at once instead of retrying
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and immune to other processes on the same cores
 
 from data.prepare import DataConfig  # noqa: E402
 from model import TrainConfig  # noqa: E402
@@ -18,9 +20,9 @@ from model import TrainConfig  # noqa: E402
 
 def tiny_configs(out_dir):
     dcfg = DataConfig(book=str(SHARED / "alice_in_wonderland.txt"), general=str(SHARED / "tinyshakespeare.txt"),
-                      n_secrets=2, secret_reps="1,16", n_facts=2, n_book=4, general_tokens=20_000)
-    cfg = TrainConfig(out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=64, batch_size=16, base_steps=40,
-                      tune_steps=200, mem_frac=0.75, log_interval=1000)
+                      n_secrets=2, secret_reps="1,192", n_facts=2, n_book=4, mem_reps=192, general_tokens=20_000)
+    cfg = TrainConfig(out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=64, base_steps=30, 
+                      tune_lr=1e-2, log_interval=1000)
     return cfg, dcfg
 
 

@@ -27,7 +27,7 @@ def test_splits_are_disjoint_and_hold_every_kind(tmp_path):
     assert not {q["question"] for q in data.qa["forget"]} & {q["question"] for q in data.qa["holdout"]}
     forget = data.split("forget")
     secret_reps = {int(r) for r, k in zip(forget.reps, forget.kind) if k == "secrets"}
-    assert secret_reps == {1, 16} and set(data.split("holdout").reps.tolist()) == {0}
+    assert secret_reps == {1, 192} and set(data.split("holdout").reps.tolist()) == {0}
 
 
 def test_sequences_round_trip_through_the_compact_vocabulary(tmp_path):
