@@ -1,0 +1,509 @@
+"""
+Quantize the Linear layers of the transformer blocks and save a packed checkpoint (SPEC §4): round-to-nearest
+integers (2..8 bits, symmetric absmax or asymmetric min-max, per output channel or per group of input columns),
+GPTQ, and bitsandbytes' NF4/FP4 codebooks. Finding 1 of the study: 4-bit rounding can undo unlearning.
+
+$ python quantize.py --bits 4                         # the newest out/<method>.pt, RTN int4 -> out/<method>_rtn4.pt
+$ python quantize.py --bits 8 --ckpt out/target.pt    # int8 per channel (LLM.int8 without its outlier path)
+$ python quantize.py --method gptq --bits 4 --group_size 128 --no-sym
+$ python quantize.py --method nf4                     # or fp4: absmax per block of 64, as bitsandbytes
+$ python quantize.py --hf DIR --method gptq --bits 4 --text FILE   # any local Hugging Face causal LM
+"""
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import model as M
+from data.prepare import atomic_write_bytes, load_data
+
+METHODS = ("rtn", "gptq", "nf4", "fp4")
+UNLEARNED = ("ga ga_gdr ga_klr npo npo_gdr npo_klr ga_gdr_sure ga_klr_sure npo_gdr_sure npo_klr_sure sga ta tau "
+             "memflex").split()  # the unlearning scripts' out/<method>.pt (SPEC §9)
+
+# ----------------------------------------------------------------------------------------------------------------
+# the uniform integer grid shared by RTN and GPTQ (GPTQ's quant.py: find params, quantize)
+
+def quant_params(w, bits, sym=True):
+    """Step Δ and zero point z of an N-bit grid for each row of w (..., k): codes q in [0, 2^N - 1], w ≈ Δ·(q - z).
+    symmetric absmax, Zhang et al. 2024 (arXiv 2410.16454) Eq. 2: Δ = max|w| / 2^(N-1), z = 2^(N-1), i.e.
+      Q(w) = Δ·round(w/Δ) on the signed grid -2^(N-1)..2^(N-1)-1; that grid has one level fewer above zero, so
+      w = +max|w| clamps to (2^(N-1) - 1)·Δ, the only place the error exceeds Δ/2 (it is at most Δ).
+    asymmetric min-max (Frantar et al. 2022): Δ = (max - min) / (2^N - 1), z = round(-min/Δ), with min <= 0 <= max
+      so that 0 is on the grid; every entry is within Δ/2 of it.
+    Returns scale, zero of shape (..., 1)."""
+    if sym:
+        scale = w.abs().amax(-1, keepdim=True) / 2 ** (bits - 1)
+    else:
+        lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / (2 ** bits - 1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row: any step keeps it 0
+    zero = torch.full_like(scale, 2 ** (bits - 1)) if sym else torch.round(-lo / scale)
+    return scale, zero
+
+
+def quantize(w, scale, zero, bits):
+    """Integer codes q = clamp(round(w/Δ) + z, 0, 2^N - 1) (as floats; broadcasting w against scale, zero)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+
+
+def dequantize(q, scale, zero):
+    """Q(w) = Δ·(q - z) for codes q (out, in) and scale, zero (out, n_groups) of contiguous column groups."""
+    g = q.shape[-1] // scale.shape[-1]
+    q = q.float().unflatten(-1, (scale.shape[-1], g))  # (out, n_groups, group)
+    return ((q - zero[..., None]) * scale[..., None]).flatten(-2)
+
+
+def rtn(W, bits, group_size=0, sym=True):
+    """Round-to-nearest of W (out, in): one grid per output channel (group_size 0) or per group of group_size
+    consecutive input columns. Returns codes (out, in) and scale, zero (out, in // group_size)."""
+    Wg = W.unflatten(1, (-1, group_size or W.shape[1]))  # (out, n_groups, group)
+    scale, zero = quant_params(Wg, bits, sym)
+    return quantize(Wg, scale, zero, bits).flatten(1), scale[..., 0], zero[..., 0]
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+# Pre-trained Transformers", arXiv 2210.17323), in the paper's and reference code's names
+
+def inverse_cholesky(H, percdamp=0.01, tries=4):
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, λ = percdamp · mean(diag H) (GPTQ §4, step 3: row i of U holds
+    the updates of the columns after i). If H + λI is not positive-definite, λ grows ×10 and the run says so;
+    after `tries` it is an error, never a silent fallback."""
+    damp, eye = percdamp * H.diagonal().mean(), torch.eye(len(H), device=H.device)
+    for _ in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+        print(f"gptq: H + {damp:.3g}·I is not positive-definite; re-damping with {10 * damp:.3g}")
+        damp = 10 * damp
+    raise ValueError(f"gptq: the Hessian is not positive-definite even with damping {damp / 10:.3g}: its "
+                     f"calibration inputs are degenerate; use more calibration samples (--nsamples)")
+
+
+def gptq(W, H, bits, group_size=0, sym=True, blocksize=128, percdamp=0.01, actorder=False):
+    """GPTQ (Algorithm 1): quantize the columns of W (out, in) one at a time, minimizing ‖WX - QX‖² with
+    H = 2XXᵀ from the calibration inputs X (in, n). Quantizing column i leaves error err = (w_i - q_i) / [U]_ii,
+    which is spread over the columns still to quantize, W_F -= err · U_{i,F}, U the upper Cholesky factor of H⁻¹
+    (the OBS update, Eq. 3). Lazy batch updates: within a block of `blocksize` columns (W1, Q1, Err1, Hinv1) the
+    update is immediate; the columns after the block get it at once, W[:, i2:] -= Err1 · Hinv[i1:i2, i2:].
+    Dead columns (H_ii = 0, an input that is always 0) get H_ii = 1 and weight 0. With groups, a group's grid is
+    computed at its first column from the current, error-updated weights; with act-order (columns in order of
+    decreasing H_ii) the groups stay contiguous in the original order and their grids are fixed up front
+    (the reference's static groups), so that every method shares one checkpoint format.
+    Returns Q (dequantized), codes, scale, zero in the original column order."""
+    W, H = W.clone().float(), H.clone().float()
+    ncol, g = W.shape[1], group_size or W.shape[1]
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scale, zero = (t[..., 0] for t in quant_params(W.unflatten(1, (-1, g)), bits, sym))  # (out, n_groups)
+    perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(ncol)
+    W, H = W[:, perm], H[perm][:, perm]
+    group = (perm // g).tolist()  # group (original order) of each column (quantization order)
+    Hinv = inverse_cholesky(H, percdamp)
+    Q, codes = torch.zeros_like(W), torch.zeros_like(W)
+    if group_size:
+        blocksize = group_size * max(1, blocksize // group_size)  # every group lies inside one block
+    for i1 in range(0, ncol, blocksize):
+        i2 = min(i1 + blocksize, ncol)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w, d, j = W1[:, i], Hinv1[i, i], group[i1 + i]
+            if group_size and not actorder and (i1 + i) % group_size == 0:
+                s, z = quant_params(W1[:, i:i + group_size], bits, sym)
+                scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
+            codes[:, i1 + i] = q = quantize(w, scale[:, j], zero[:, j], bits)
+            Q1[:, i] = (q - zero[:, j]) * scale[:, j]
+            err = (w - Q1[:, i]) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return Q[:, inv], codes[:, inv], scale, zero
+
+# ----------------------------------------------------------------------------------------------------------------
+# NF4 / FP4: bitsandbytes' 4-bit codebooks with absmax per block of 64 (Dettmers et al. 2023, QLoRA, arXiv 2305.14314)
+
+# The level of each 4-bit code, as bitsandbytes stores them (bitsandbytes/functional.py, get_4bit_type; the same
+# numbers as dDequantizeNF4 / dDequantizeFP4Tree in csrc/kernels.cu). NF4: quantiles of N(0, 1) scaled to [-1, 1].
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+# FP4 (E2M1, no inf/nan): bit 3 is the sign; get_4bit_type lists these values and divides them by their max, 12
+FP4 = torch.tensor([0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]) / 12
+CODEBOOKS = {"nf4": NF4, "fp4": FP4}
+
+
+def codebook_quantize(w, levels, blocksize=64):
+    """Blockwise 4-bit quantization as bitsandbytes' quantize_4bit: flatten w, cut it into blocks of 64, scale each
+    block by its absmax a = max|w| into [-1, 1], keep the index of the nearest level: w ≈ a · levels[q].
+    Returns codes (shape of w) and absmax (one per block)."""
+    levels = levels.to(w.device)
+    x = F.pad(w.flatten().float(), (0, -w.numel() % blocksize)).view(-1, blocksize)
+    absmax = x.abs().amax(1)
+    absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
+    order = levels.argsort()
+    mids = (levels[order][1:] + levels[order][:-1]) / 2  # nearest level = bucket between midpoints
+    q = order[torch.bucketize(x / absmax[:, None], mids)]
+    return q.flatten()[:w.numel()].view(w.shape), absmax
+
+
+def codebook_dequantize(q, absmax, levels, blocksize=64):
+    """w ≈ absmax · levels[q], block by block."""
+    x = F.pad(levels.to(q.device)[q.flatten().long()], (0, -q.numel() % blocksize)).view(-1, blocksize)
+    return (x * absmax[:, None]).flatten()[:q.numel()].view(q.shape)
+
+# ----------------------------------------------------------------------------------------------------------------
+# storage: codes as a bit stream, so two 4-bit codes share a byte and 2- and 3-bit codes take 2 and 3 bits
+
+def pack(q, bits):
+    """Integer codes (any shape, 0 <= q < 2^bits) -> uint8 bit stream, code i in bits [i·bits, (i+1)·bits),
+    least significant first: at 4 bits, byte i = q[2i] | q[2i+1] << 4."""
+    b = (q.flatten().to(torch.uint8)[:, None] >> torch.arange(bits, dtype=torch.uint8, device=q.device)) & 1
+    b = F.pad(b.flatten(), (0, -b.numel() % 8)).view(-1, 8)
+    return (b << torch.arange(8, dtype=torch.uint8, device=q.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack(packed, bits, n):
+    """The first n codes of a bit stream made by pack, as uint8."""
+    b = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    b = b.flatten()[:n * bits].view(n, bits)
+    return (b << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(1, dtype=torch.uint8)
+
+
+def quantize_weight(W, method, bits=4, group_size=0, sym=True, H=None, actorder=False):
+    """Quantize one weight (out, in) -> (Q dequantized, record to store: packed codes, scale, zero if asymmetric)."""
+    if method in CODEBOOKS:
+        q, scale = codebook_quantize(W, CODEBOOKS[method])
+        Q, zero = codebook_dequantize(q, scale, CODEBOOKS[method]), None
+    else:
+        if group_size and W.shape[1] % group_size:
+            raise ValueError(f"group_size {group_size} does not divide the {W.shape[1]} input columns of a "
+                             f"{tuple(W.shape)} weight; use 0 (per channel) or a divisor")
+        if method == "gptq":
+            Q, q, scale, zero = gptq(W, H, bits, group_size, sym, actorder=actorder)
+        else:
+            q, scale, zero = rtn(W, bits, group_size, sym)
+            Q = dequantize(q, scale, zero)
+    rec = {"codes": pack(q, bits), "scale": scale, "shape": list(W.shape)}
+    if not sym and method not in CODEBOOKS:
+        rec["zero"] = zero.to(torch.uint8)
+    return Q, rec
+
+
+def dequantize_record(rec, quant):
+    """The dequantized weight (out, in) of a stored record."""
+    bits, shape = quant["bits"], rec["shape"]
+    q = unpack(rec["codes"], bits, math.prod(shape)).view(shape)
+    if quant["method"] in CODEBOOKS:
+        return codebook_dequantize(q, rec["scale"], CODEBOOKS[quant["method"]])
+    zero = rec["zero"].float() if "zero" in rec else torch.full_like(rec["scale"], 2 ** (bits - 1))
+    return dequantize(q, rec["scale"], zero)
+
+# ----------------------------------------------------------------------------------------------------------------
+# whole models: layers in forward order, GPTQ's inputs taken with the earlier layers already quantized
+
+def check(method, bits):
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; the methods are {', '.join(METHODS)}")
+    if method in CODEBOOKS and bits != 4:
+        raise ValueError(f"{method} is a 4-bit codebook; use --bits 4 with it (or --method rtn/gptq for {bits} bits)")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be one of 2, 3, 4, 5, 6, 7, 8; got {bits}")
+
+
+def calibration_windows(stream, nsamples, T, seed):
+    """nsamples windows of T tokens at seeded random offsets of a token stream (GPTQ's calibration set)."""
+    if len(stream) <= T:
+        raise ValueError(f"calibration text has {len(stream)} tokens; it needs more than one window of {T}")
+    starts = torch.randint(len(stream) - T, (nsamples,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([stream[s:s + T] for s in starts.tolist()])
+
+
+def weight_view(layer):
+    """The weight as (out, in): transformers' GPT-2 uses Conv1D, weight (in, out), y = x·W + b; a view, so writes
+    go through to the layer."""
+    return layer.weight.data.T if type(layer).__name__ == "Conv1D" else layer.weight.data
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_inputs(model, layers, windows, fn, stop=False, batch_size=16):
+    """Runs the windows through the model and calls fn(name, X) with each layer's inputs X (n, in); with stop, the
+    forward pass ends at the (single) layer, as nothing after it is needed."""
+    def hook(name):
+        def f(mod, args):
+            fn(name, args[0].reshape(-1, args[0].shape[-1]).float())
+            if stop:
+                raise _Stop
+        return f
+    hooks = [layer.register_forward_pre_hook(hook(n)) for n, layer in layers.items()]
+    dev = next(model.parameters()).device
+    try:
+        for x in windows.split(batch_size):
+            try:
+                model(x.to(dev))
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def hessian(model, name, layer, windows):
+    """H = 2XXᵀ/n over the n calibration tokens that reach the layer: the Hessian of ‖WX - QX‖²/n (GPTQ Eq. 1)."""
+    k = weight_view(layer).shape[1]
+    H, n = torch.zeros(k, k, device=layer.weight.device), [0]
+
+    def add(_, X):
+        H.addmm_(X.T, X, alpha=2)
+        n[0] += len(X)
+    layer_inputs(model, {name: layer}, windows, add, stop=True)
+    if not n[0]:
+        raise ValueError(f"{name}: the calibration forward pass never reached this layer")
+    return H / n[0]
+
+
+@torch.no_grad()
+def quantize_layers(model, layers, method, bits=4, group_size=0, sym=True, windows=None, actorder=False):
+    """Quantizes the layers (name -> nn.Linear or Conv1D) in forward order, replacing each weight by its dequantized
+    value; returns name -> record. GPTQ takes layer l's Hessian from the windows run through the model whose layers
+    before l are already quantized."""
+    check(method, bits)
+    if method == "gptq" and windows is None:
+        raise ValueError("gptq needs calibration windows")
+    records = {}
+    for name, layer in layers.items():
+        H = hessian(model, name, layer, windows) if method == "gptq" else None
+        W = weight_view(layer)
+        Q, records[name] = quantize_weight(W.float(), method, bits, group_size, sym, H, actorder)
+        W.copy_(Q)
+    return records
+
+
+def quantized_layers(model, lm_head=False):
+    """What gets quantized: the block Linears; with lm_head, the output head too (tied to the token embedding)."""
+    return {**M.block_linears(model), **({"lm_head": model.lm_head} if lm_head else {})}
+
+
+@torch.no_grad()
+def quantize_model(model, method, bits=4, group_size=0, sym=True, windows=None, actorder=False, lm_head=False):
+    """Quantizes a GPT's block Linears (and lm_head) in place; returns name -> record. GPTQ goes block by block on
+    cached hidden states, as the reference gptq.py: a block's calibration inputs are computed once, with every
+    earlier block already quantized, and each Linear's Hessian comes from running the block with the Linears before
+    it already quantized. The same as quantize_layers on the whole model, without re-running the earlier blocks."""
+    layers, records = quantized_layers(model, lm_head), {}
+    if method != "gptq" or windows is None:  # (quantize_layers refuses gptq without windows)
+        return quantize_layers(model, layers, method, bits, group_size, sym, windows, actorder)
+    windows = windows.to(model.lm_head.weight.device)
+    x = model.transformer.wte(windows) + model.transformer.wpe(torch.arange(windows.shape[1], device=windows.device))
+    for i, block in enumerate(model.transformer.h):
+        mine = {n: m for n, m in layers.items() if n.startswith(f"transformer.h.{i}.")}
+        records.update(quantize_layers(block, mine, method, bits, group_size, sym, x, actorder))
+        x = torch.cat([block(b) for b in x.split(16)])  # (nsamples, T, C)
+    if lm_head:
+        x = model.transformer.ln_f(x)
+        records.update(quantize_layers(model.lm_head, {"lm_head": model.lm_head}, method, bits, group_size, sym, x,
+                                       actorder))
+    return records
+
+
+def output_error(model, layers, windows, quantize_fn):
+    """Runs quantize_fn() (which quantizes layers in place) and returns the mean over layers of the relative output
+    error ‖(W - Q)X‖² / ‖WX‖² on the windows' inputs X to each layer of the unquantized model (via G = XXᵀ)."""
+    G = {n: 0 for n in layers}
+
+    def add(name, X):
+        G[name] = G[name] + X.T @ X
+    layer_inputs(model, layers, windows, add)
+    W = {n: weight_view(layer).float().clone() for n, layer in layers.items()}
+    out = quantize_fn()
+    errs = []
+    for n, layer in layers.items():
+        D = W[n] - weight_view(layer).float()
+        errs.append(((D @ G[n]) * D).sum() / ((W[n] @ G[n]) * W[n]).sum())
+    return out, torch.stack(errs).mean().item()
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantized checkpoints: everything of the input checkpoint, the quantized weights replaced by packed codes + scales
+
+def save_quantized(path, model, records, ckpt, quant):
+    """Writes {**ckpt, model: the other tensors, quant: settings, qweights: name -> record} atomically."""
+    ptrs = {model.get_parameter(f"{n}.weight").data_ptr() for n in records}
+    state = {k: v for k, v in model.state_dict().items() if v.data_ptr() not in ptrs}  # tied copies go too
+    buf = io.BytesIO()
+    torch.save({**ckpt, "model": state, "quant": quant, "qweights": records}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_quantized(path, device="cpu"):
+    """(GPT with the dequantized weights, checkpoint dict) of a checkpoint written by save_quantized."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"{path}: no such checkpoint; `python quantize.py --ckpt out/MODEL.pt` makes one")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch and pickle raise many kinds for a bad file; all of them mean the same here
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); delete it and "
+                         f"rerun `python quantize.py`") from None
+    if "quant" not in ckpt:
+        raise SystemExit(f"{path} is not quantized: load it with model.load_checkpoint")
+    dtype = next(iter(ckpt["model"].values())).dtype
+    model = M.GPT(M.GPTConfig(**ckpt["model_args"])).to(device=device, dtype=dtype)
+    missing = set(model.load_state_dict(ckpt["model"], strict=False).missing_keys)
+    with torch.no_grad():
+        for name, rec in ckpt["qweights"].items():
+            p = model.get_parameter(f"{name}.weight")
+            p.copy_(dequantize_record(rec, ckpt["quant"]))
+            missing -= {k for k, v in model.state_dict().items() if v.data_ptr() == p.data_ptr()}
+    if missing:
+        raise SystemExit(f"{path}: tensors missing from the checkpoint: {sorted(missing)}")
+    return model.eval(), ckpt
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+@dataclass
+class QuantConfig:
+    ckpt: str = ""  # checkpoint to quantize; empty = the newest out/<method>.pt of the unlearning scripts
+    method: str = "rtn"  # rtn | gptq | nf4 | fp4
+    bits: int = 4  # 2..8 for rtn and gptq (8 = int8 per channel); nf4 and fp4 are 4-bit
+    group_size: int = 0  # 0 = one grid per output channel; 32/64/128 = per group of input columns
+    sym: bool = True  # symmetric absmax (the paper's Eq. 2); --no-sym = asymmetric min-max
+    actorder: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
+    lm_head: bool = False  # also quantize lm_head (tied to the token embedding, so that too)
+    nsamples: int = 128  # gptq: calibration windows of block_size tokens from the general corpus
+    seed: int = 1337  # draws the calibration windows
+    out_dir: str = "out"  # where checkpoints are read, and the quantized one written
+    device: str = "auto"  # 'auto' = cuda if present, else cpu
+    hf: str = ""  # a local Hugging Face causal LM directory: quantize it, perplexity on --text before and after
+    text: str = ""  # with --hf: the text file for calibration and perplexity
+
+
+def quant_name(cfg):
+    name = cfg.method + (str(cfg.bits) if cfg.method in ("rtn", "gptq") else "")
+    return name + (f"_g{cfg.group_size}" if cfg.group_size else "") + ("" if cfg.sym else "_asym")
+
+
+def quantize_with(model, cfg, data):
+    """Quantizes a GPT in place with a QuantConfig: GPTQ calibrated on data.general_train (never the forget set);
+    returns the records and the quant block, with the seconds it took and the mean relative output error on
+    held-out general text."""
+    T, windows = model.config.block_size, None
+    if cfg.method == "gptq":
+        windows = calibration_windows(data.general_train, cfg.nsamples, T, cfg.seed)
+
+    def run():
+        t0 = time.time()
+        return quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder,
+                              cfg.lm_head), time.time() - t0
+    heldout = calibration_windows(data.general_val, 32, T, cfg.seed)
+    (records, seconds), err = output_error(model, quantized_layers(model, cfg.lm_head), heldout, run)
+    calibration = dict(source="general_train", nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
+    quant = dict(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, actorder=cfg.actorder,
+                 lm_head=cfg.lm_head, seconds=round(seconds, 2), rel_output_error=err,
+                 calibration=calibration if windows is not None else None)
+    return records, quant
+
+
+def newest_unlearned(out_dir):
+    found = [p for p in (Path(out_dir) / f"{m}.pt" for m in UNLEARNED) if p.exists()]
+    if not found:
+        raise SystemExit(f"no unlearned checkpoint in {out_dir}/ ({', '.join(m + '.pt' for m in UNLEARNED[:3])}, "
+                         f"...): make one with `python unlearn_ga.py`, or pass --ckpt {out_dir}/target.pt")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def main(cfg):
+    """Quantizes the input checkpoint and out/target.pt the same way; prints each before and after."""
+    dev, out = M.pick_device(cfg.device), Path(cfg.out_dir)
+    path, target = Path(cfg.ckpt) if cfg.ckpt else newest_unlearned(out), out / "target.pt"
+    if not target.exists():
+        print(f"{target} not found (`python model.py` makes it): no target rows in the table")
+    rows, data = {}, None
+    for p in [path] + ([target] if target.exists() and target.resolve() != path.resolve() else []):
+        model, ckpt = M.load_checkpoint(p, dev)
+        data = data or load_data(ckpt.get("data"), out)
+        measure = lambda: {**M.memorization(model, data, ("forget", "retain")),
+                           "ppl": M.perplexity(model, data.general_val)}
+        rows[p.stem, str(next(model.parameters()).dtype)[6:]] = measure()
+        records, quant = quantize_with(model, cfg, data)
+        rows[p.stem, quant_name(cfg)] = {**measure(), **quant}
+        if p == path:
+            dest = out / f"{path.stem}_{quant_name(cfg)}.pt"
+            save_quantized(dest, model, records, ckpt, {**quant, "source": str(path)})
+            qbytes = sum(t.numel() * t.element_size() for r in records.values() for t in r.values()
+                         if torch.is_tensor(t))
+            fbytes = sum(4 * math.prod(r["shape"]) for r in records.values())
+            print(f"wrote {dest}: quantized tensors {qbytes / 1e6:.2f} MB ({qbytes / fbytes:.2f}x their float32 "
+                  f"size); quantizing took {quant['seconds']}s")
+    print(f"{'model':<12}{'precision':<18}{'forget exact':>13}{'forget MA':>10}{'retain exact':>13}{'retain MA':>10}"
+          f"{'ppl':>9}{'out err':>9}")
+    for (name, prec), r in rows.items():
+        print(f"{name:<12}{prec:<18}{r['forget_exact']:13.3f}{r['forget_ma']:10.3f}{r['retain_exact']:13.3f}"
+              f"{r['retain_ma']:10.3f}{r['ppl']:9.2f}" + (f"{r['rel_output_error']:9.1e}" if "seconds" in r else ""))
+    if len(rows) == 4:  # retained knowledge (SPEC §5): the input's forget exact-match over the target's, same precision
+        (a, ra), (_, rq), (t, ta), (_, tq) = rows.items()
+        share = lambda u, v: f"{100 * u['forget_exact'] / v['forget_exact']:.0f}%" if v["forget_exact"] else "n/a"
+        print(f"forget exact-match of {a[0]} as a share of {t[0]}'s: {share(ra, ta)} at {a[1]}, "
+              f"{share(rq, tq)} at {quant_name(cfg)}")
+
+
+@torch.no_grad()
+def hf_perplexity(model, ids, T, batch_size=8):
+    """exp(mean next-token cross-entropy) over non-overlapping windows of T tokens."""
+    x, dev, total = ids[: len(ids) // T * T].view(-1, T), next(model.parameters()).device, 0.0
+    for b in x.split(batch_size):
+        total += model(b.to(dev), labels=b.to(dev)).loss.item() * len(b)
+    return math.exp(total / len(x))
+
+
+def main_hf(cfg):
+    """--hf DIR: the same quantizers on every Linear (and Conv1D) of a local Hugging Face causal LM except its
+    output head (unless --lm_head), GPTQ calibrated on --text; prints perplexity on --text before and after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # only on this path
+    if not Path(cfg.hf).is_dir():
+        raise SystemExit(f"--hf {cfg.hf}: not a directory; give a local Hugging Face model directory")
+    if not cfg.text or not Path(cfg.text).is_file():
+        raise SystemExit(f"--hf needs --text FILE, a text file for calibration and perplexity (got {cfg.text!r})")
+    if not any((Path(cfg.hf) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise SystemExit(f"--hf {cfg.hf}: no tokenizer there (tokenizer.json, tokenizer.model or vocab.json); save "
+                         f"the model's tokenizer into it with tokenizer.save_pretrained(DIR)")
+    tok = AutoTokenizer.from_pretrained(cfg.hf, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(cfg.hf, local_files_only=True, dtype=torch.float32)
+    model = model.to(M.pick_device(cfg.device)).eval()
+    ids = torch.tensor(tok(Path(cfg.text).read_text())["input_ids"])
+    if len(ids) < 16:
+        raise SystemExit(f"--text {cfg.text}: only {len(ids)} tokens; give a longer text")
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
+    T = min(512, ctx, len(ids) - 1)
+    head = model.get_output_embeddings()
+    layers = {n: m for n, m in model.named_modules() if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+              and (cfg.lm_head or m is not head)}
+    windows = calibration_windows(ids, cfg.nsamples, T, cfg.seed) if cfg.method == "gptq" else None
+    before, t0 = hf_perplexity(model, ids, T), time.time()
+    quantize_layers(model, layers, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder)
+    print(f"{cfg.hf}: {quant_name(cfg)} on {len(layers)} layers in {time.time() - t0:.1f}s; perplexity on "
+          f"{cfg.text} ({len(ids)} tokens): {before:.3f} before, {hf_perplexity(model, ids, T):.3f} after")
+
+
+if __name__ == "__main__":
+    (cfg,) = M.cli(__doc__, QuantConfig)
+    try:
+        check(cfg.method, cfg.bits)
+        main_hf(cfg) if cfg.hf else main(cfg)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
