@@ -1,0 +1,219 @@
+"""The unlearning methods: each loss and selection pinned by a hand computation, the masks shown to leave every
+other weight bit-identical, and every method shown to lower forget MA on the tiny setup."""
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import task_arithmetic as ta
+import unlearn_ga as ga
+import unlearn_memflex as mf
+import unlearn_npo as npo
+from data.prepare import Seqs
+from model import GPT, GPTConfig, load_checkpoint, score
+
+
+def toy(seed=0, n=6, T=12, V=40):
+    """A small random GPT and n sequences of different lengths (prefix 4) in a one-split stand-in for Data."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=2, n_embd=16))
+    length = torch.tensor([T - i % 3 for i in range(n)])
+    x = torch.randint(1, V, (n, T)) * (torch.arange(T) < length[:, None])
+    seqs = Seqs(x, length, torch.full((n,), 4), torch.ones(n, dtype=torch.long), ["book"] * n, [""] * n)
+    return model, seqs, SimpleNamespace(split=lambda name: seqs)
+
+
+def flat_grad(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NPO
+
+def test_npo_loss_on_two_sequences_equals_hand_computation():
+    # beta*(logp_theta - logp_ref) = 0.1*(2, -5) = (0.2, -0.5); log sigmoid(-0.2) = -log(1+e^0.2) = -0.7981389,
+    # log sigmoid(0.5) = -log(1+e^-0.5) = -0.4740770; -(2/0.1) * their mean = 12.7221585
+    loss = npo.npo_loss(torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -15.0]), beta=0.1)
+    assert loss.item() == pytest.approx(12.7221585, abs=1e-5)
+    at_ref = npo.npo_loss(torch.tensor([-7.0]), torch.tensor([-7.0]), beta=0.1)
+    assert at_ref.item() == pytest.approx(20 * math.log(2))  # at pi_ref: -(2/beta) log(1/2)
+
+
+def test_seq_logprob_is_the_sum_of_real_token_logprobs():
+    model, seqs, _ = toy()
+    with torch.no_grad():
+        lp = npo.seq_logprob(model, seqs)
+    torch.testing.assert_close(lp, score(model, seqs)["logprob"])
+
+
+def test_npo_gradient_points_as_ga_as_beta_goes_to_zero():
+    model, seqs, _ = toy()
+    ref = ga.frozen(model)
+    with torch.no_grad():  # move away from the reference so log pi_theta - log pi_ref differs per sequence
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g_ga = flat_grad(model, ga.ga_loss(model, seqs))
+    cos = {}
+    for beta in (1e-3, 3.0):
+        g = flat_grad(model, npo.npo_loss(npo.seq_logprob(model, seqs), npo.seq_logprob(ref, seqs), beta))
+        cos[beta] = torch.nn.functional.cosine_similarity(g, g_ga, dim=0).item()
+    assert cos[1e-3] > 0.99
+    assert cos[3.0] < cos[1e-3]  # a large beta reweights the sequences: the limit is not trivial
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KL regularizer
+
+def test_kl_hand_value_nonnegative_and_zero_at_reference():
+    # p_ref = softmax(0, ln 3) = (1/4, 3/4), p_theta = (1/2, 1/2): KL = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.1308120
+    ref = torch.tensor([[[0.0, math.log(3)], [5.0, -5.0]]])
+    cur = torch.tensor([[[1.0, 1.0], [-5.0, 5.0]]])
+    mask = torch.tensor([[True, False]])  # the second position is padding
+    assert ga.kl_loss(ref, cur, mask).item() == pytest.approx(0.1308120, abs=1e-6)
+    torch.manual_seed(0)
+    a, b, m = torch.randn(4, 8, 50), torch.randn(4, 8, 50), torch.rand(4, 8) < 0.7
+    assert ga.kl_loss(a, b, m).item() > 0
+    assert ga.kl_loss(a, a.clone(), m).item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SURE
+
+def test_sure_mask_is_the_top_share_by_saliency():
+    sal = {f"w{i}": float(i) for i in range(1, 17)}  # P90 of 1..16 = 1 + 0.9*15 = 14.5
+    assert ga.sure_mask(sal, 90) == {"w15", "w16"}
+    assert ga.sure_mask(sal, 0) == set(sal)
+    with pytest.raises(ValueError):
+        ga.sure_mask(sal, 120)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sure_moves_only_its_mask(dtype):
+    model, seqs, data = toy()
+    model.to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sal = ga.saliency(model, seqs, ga.ga_loss)
+    cfg, rcfg = ga.UnlearnConfig(steps=5, batch_size=4, lr=1e-3), ga.RetainConfig("gdr", sure=True, sure_gamma=75)
+    model, stats = ga.unlearn(model, data, ga.ga_loss, cfg, rcfg)
+    mask = set(stats["trained"])
+    assert mask == set(sorted(sal, key=sal.get)[-len(mask):]) and len(mask) == 2  # top 25% of 8 matrices
+    assert stats["lr"] == pytest.approx(1e-2)
+    for k, v in model.state_dict().items():
+        moved = not torch.equal(v, before[k])
+        assert moved == (k.removesuffix(".weight") in mask), k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SGA
+
+def test_sga_selects_memorized_sequences_plus_the_most_memorized():
+    ma = torch.tensor([0.2, 0.75, 0.69, 0.9, 0.7])
+    assert ga.sga_select(ma, 0.7).tolist() == [1, 3, 4]
+    assert ga.sga_select(torch.tensor([0.1, 0.3, 0.2]), 0.7).tolist() == [1]  # none above: the top one only
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# task arithmetic
+
+def test_task_vector_lambda_zero_and_negate_then_add():
+    model, _, _ = toy()
+    theta = model.state_dict()
+    ft = {k: v + 0.01 * torch.randn_like(v) for k, v in theta.items()}
+    tau = ta.task_vector(ft, theta)
+    assert all(torch.equal(v, theta[k]) for k, v in ta.apply(theta, tau, 0.0).items())
+    back = ta.apply(ta.apply(theta, tau, -1.0), tau, 1.0)
+    for k, v in back.items():  # identity up to float32 rounding of the two additions
+        torch.testing.assert_close(v, theta[k], rtol=0, atol=1e-6)
+    for k, v in ta.apply(theta, tau, 1.0).items():
+        torch.testing.assert_close(v, ft[k], rtol=0, atol=1e-6)
+    bf = {k: v.bfloat16() for k, v in theta.items()}
+    assert all(torch.equal(v, bf[k]) for k, v in ta.apply(bf, tau, 0.0).items())
+    with pytest.raises(ValueError):
+        ta.task_vector({"a": torch.zeros(1)}, {"b": torch.zeros(1)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MemFlex
+
+def test_memflex_localize_on_crafted_gradients():
+    gf = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([1.0, 1.0]), "c": torch.tensor([0.01, 0.0])}
+    gr = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([1.0, 1.0]), "c": torch.tensor([0.0, 1.0])}
+    sel, stats = mf.localize(gf, gr, mu=0.92, sigma=0.1)
+    assert sel == {"a"}  # b: cos 1 >= mu; c: cos 0 but mean |g| 0.005 <= sigma
+    assert stats["a"] == pytest.approx((0.0, 0.5)) and stats["b"][0] == pytest.approx(1.0)
+
+
+def test_memflex_randomizes_only_answer_tokens_and_leaves_unselected_bit_identical():
+    model, seqs, data = toy()
+    shuffled = mf.randomize_answers(seqs, 0.5, 40, torch.Generator().manual_seed(0))
+    changed = shuffled.x != seqs.x
+    t = torch.arange(seqs.x.size(1))
+    assert not changed[(t < seqs.prefix[:, None]) | (t >= seqs.length[:, None])].any()
+    assert 0.2 < changed.float().sum() / (seqs.length - seqs.prefix).sum() < 0.6  # ~half (a few redraw the same id)
+    mask = {"transformer.h.1.mlp.c_fc", "transformer.h.0.attn.c_proj"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, _ = ga.unlearn(model, data, ga.ga_loss, ga.UnlearnConfig(steps=4, batch_size=4, lr=1e-3),
+                          ga.RetainConfig("gdr", 2.0), mask=mask)
+    for k, v in model.state_dict().items():
+        assert (not torch.equal(v, before[k])) == (k.removesuffix(".weight") in mask), k
+
+
+def test_nan_loss_stops_with_the_step_and_the_loss():
+    model, seqs, data = toy()
+    with pytest.raises(SystemExit, match="step 0: the forget loss is nan"):
+        ga.unlearn(model, data, lambda m, s: ga.ga_loss(m, s) * float("nan"), ga.UnlearnConfig(steps=2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# every method, through its command line, on the tiny target
+
+METHODS = {  # SPEC §9 name -> script and flags
+    "ga": (ga, []), "ga_gdr": (ga, ["--retain", "gdr"]), "ga_klr": (ga, ["--retain", "klr"]),
+    "npo": (npo, []), "npo_gdr": (npo, ["--retain", "gdr"]), "npo_klr": (npo, ["--retain", "klr"]),
+    "ga_gdr_sure": (ga, ["--retain", "gdr", "--sure"]), "ga_klr_sure": (ga, ["--retain", "klr", "--sure"]),
+    "npo_gdr_sure": (npo, ["--retain", "gdr", "--sure"]), "npo_klr_sure": (npo, ["--retain", "klr", "--sure"]),
+    "sga": (ga, ["--selective"]), "ta": (ta, []), "tau": (ta, ["--tau"]),
+    "memflex": (mf, ["--mu", "0.9", "--sigma", "0"]),  # the default thresholds are scaled to the default model
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny, tmp_path_factory):
+    """A copy of the tiny target and its data: the methods write beside it, not into the shared fixture."""
+    out = tmp_path_factory.mktemp("unlearn")
+    shutil.copy(tiny.out_dir / "target.pt", out)
+    shutil.copytree(tiny.out_dir / "data", out / "data")
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_lowers_forget_ma_on_the_tiny_setup(tiny, tiny_target, method):
+    script, flags = METHODS[method]
+    metrics = script.main(["--out_dir", str(tiny_target), "--steps", "5", "--lr", "3e-4"] + flags)
+    saved = json.loads((tiny_target / f"{method}.json").read_text())
+    assert saved["method"] == method and saved["forget_ma"] == metrics["forget_ma"]
+    assert saved["forget_ma"] < tiny.summary["target"]["forget_ma"]
+    _, ckpt = load_checkpoint(tiny_target / f"{method}.pt")
+    max_steps = 10 if method == "tau" else 5  # TAU's two phases each run up to --steps
+    assert ckpt["config"]["lr"] == 3e-4 and ckpt["steps"] <= max_steps and ckpt["metrics"] == metrics
+
+
+def test_pure_bf16_run_keeps_bf16_weights(tiny, tiny_target):
+    ga.main(["--out_dir", str(tiny_target), "--steps", "5", "--lr", "3e-3", "--dtype", "bfloat16"])
+    model, ckpt = load_checkpoint(tiny_target / "ga.pt")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert ckpt["metrics"]["forget_ma"] < tiny.summary["target"]["forget_ma"]
+
+
+@pytest.mark.parametrize("argv, message", [(["--retain", "l2"], "use none, gdr or klr"),
+                                           (["--sure"], "add --retain gdr"),
+                                           (["--selective", "--retain", "gdr"], "plain SGA"),
+                                           (["--dtype", "float16"], "use float32 or bfloat16")])
+def test_bad_settings_are_refused(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        ga.main(["--out_dir", str(tmp_path)] + argv)
