@@ -116,3 +116,14 @@ def test_tiny_target_memorizes_and_retrain_does_not(tiny):
     assert retrain["retain_ma"] > retrain["forget_ma"] + 0.2
     assert abs(retrain["forget_ma"] - retrain["holdout_ma"]) < 0.1
     assert (tiny.out_dir / "train.json").exists() and (tiny.out_dir / "target.pt").exists()
+
+
+def test_from_pretrained_matches_hugging_face_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    idx = torch.randint(80, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx)[0], hf(idx).logits, atol=1e-5)
