@@ -274,7 +274,8 @@ def cli(doc, *classes, argv=None):
     wrong types fail with argparse's message, which lists the valid settings."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in classes:
-        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+        comments = {k: v.replace("%", "%%")  # argparse %-formats help texts
+                    for k, v in re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M)}
         for f in fields(cls):
             kind = type(f.default)
             if kind is bool:

@@ -95,6 +95,14 @@ def test_settings_are_typed_and_unknown_ones_refused(capsys):
     assert "invalid int value" in capsys.readouterr().err
 
 
+def test_help_lists_every_setting_with_its_comment(capsys):
+    from data.prepare import DataConfig
+    with pytest.raises(SystemExit) as e:
+        cli("doc", TrainConfig, DataConfig, argv=["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--general_tokens" in out and "95% train" in out and "--tune_lr" in out
+
+
 def test_training_repeats_exactly_and_pure_bf16_stays_bf16(tmp_path):
     cfg, dcfg = tiny_configs(tmp_path)
     data = load_data(dcfg, tmp_path)
