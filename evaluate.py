@@ -191,7 +191,7 @@ def verbmem(model, seqs, decode, prefix_len=None, n_continue=None):
     """VerbMem (MUSE): greedy continuation of each text's prompt, ROUGE-L F1 of the decoded
     continuation against the true one, mean × 100. The prompt is the first prefix_len tokens and the
     continuation the next n_continue (clipped to the text); None = each sequence's own split
-    (data/prepare.py: a book chunk's first 32 tokens, a secret's holder, a fact's subject)."""
+    (data/prepare.py: a book chunk's first book_prefix (16) tokens, a secret's holder, a fact's subject)."""
     x, n = seqs.x.tolist(), seqs.length.tolist()
     p = [prefix_len or pi for pi in seqs.prefix.tolist()]
     end = [min(ni, pi + n_continue) if n_continue else ni for pi, ni in zip(p, n)]

@@ -363,7 +363,10 @@ def load_quantized(path, device="cpu"):
         raise SystemExit(f"{path} is not quantized: load it with model.load_checkpoint")
     dtype = next(iter(ckpt["model"].values())).dtype
     model = M.GPT(M.GPTConfig(**ckpt["model_args"])).to(device=device, dtype=dtype)
-    missing = set(model.load_state_dict(ckpt["model"], strict=False).missing_keys)
+    keys = model.load_state_dict(ckpt["model"], strict=False)
+    if keys.unexpected_keys:
+        raise SystemExit(f"{path}: tensors this model does not have: {keys.unexpected_keys[:5]}")
+    missing = set(keys.missing_keys)
     with torch.no_grad():
         for name, rec in ckpt["qweights"].items():
             p = model.get_parameter(f"{name}.weight")
@@ -395,7 +398,8 @@ class QuantConfig:
 
 def quant_name(cfg):
     name = cfg.method + (str(cfg.bits) if cfg.method in ("rtn", "gptq") else "")
-    return name + (f"_g{cfg.group_size}" if cfg.group_size else "") + ("" if cfg.sym else "_asym")
+    return (name + (f"_g{cfg.group_size}" if cfg.group_size else "") + ("" if cfg.sym else "_asym")
+            + ("_act" if cfg.actorder and cfg.method == "gptq" else ""))
 
 
 def quantize_with(model, cfg, data):

@@ -207,7 +207,8 @@ def save_result(method, model, data, stats, *cfgs):
     metrics = memorization(model, data)
     metrics["holdout_ppl"] = perplexity(model, data.general_val)
     out = Path(config["out_dir"])
-    save_checkpoint(out / f"{method}.pt", model, kind=method, config=config, metrics=metrics, **stats)
+    save_checkpoint(out / f"{method}.pt", model, kind=method, config=config, metrics=metrics, data=data.config,
+                    **stats)
     write_json(out / f"{method}.json", dict(method=method, config=config, **stats, **metrics))
     print(f"{method}: forget exact {metrics['forget_exact']:.2f} MA {metrics['forget_ma']:.3f} | retain exact "
           f"{metrics['retain_exact']:.2f} MA {metrics['retain_ma']:.3f} | holdout MA {metrics['holdout_ma']:.3f} | "

