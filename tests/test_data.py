@@ -1,7 +1,9 @@
 """data/prepare.py: deterministic token files, disjoint splits, clear errors."""
 import pytest
 
-from conftest import SHARED, tiny_configs
+from pathlib import Path
+
+from conftest import tiny_configs
 from data.prepare import SPLITS, build, load_data
 
 
@@ -53,4 +55,4 @@ def test_no_book_runs_and_records_it(tmp_path, capsys):
     meta, _ = build(dcfg)
     assert "none" in meta["corpora"]["book"] and "NO BOOK" in capsys.readouterr().err
     assert {s["kind"] for s in meta["seqs"]} == {"secrets", "facts"}
-    assert (SHARED / "tinyshakespeare.txt").name in meta["corpora"]["general"]
+    assert Path(dcfg.general).name in meta["corpora"]["general"]
