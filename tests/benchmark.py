@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(cmd):
-    """(wall seconds, peak RSS in MB) of one command; peak RSS of the largest child process."""
+    """(wall seconds, peak RSS in MB) of one command. The peak is the largest of any child so far (getrusage keeps
+    one maximum), so a row can repeat an earlier, larger one."""
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
