@@ -159,6 +159,14 @@ def block_linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".h." in f".{n}"}
 
 
+def weight_dtype(name):
+    """--dtype: float32, or bfloat16 for pure bf16 weights (and optimizer state: no float32 master copy)."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise SystemExit(f"--dtype {name}: use float32 or bfloat16")
+    return dtypes[name]
+
+
 def pick_device(name="auto"):
     """The device, chosen once: CUDA when present, else CPU; --device overrides."""
     if name == "auto":
@@ -356,10 +364,7 @@ def train(model, data, cfg, steps, lr, splits, gen, name):
 
 def train_all(cfg, dcfg):
     """Trains base -> target and base -> retrain, skipping checkpoints that exist (unless --force)."""
-    out, dev = Path(cfg.out_dir), pick_device(cfg.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
-    if dtype is None:
-        raise SystemExit(f"--dtype {cfg.dtype}: use float32 or bfloat16")
+    out, dev, dtype = Path(cfg.out_dir), pick_device(cfg.device), weight_dtype(cfg.dtype)
     data = load_data(dcfg, out)
     summary_path = out / "train.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() and not cfg.force else {}

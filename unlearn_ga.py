@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from data.prepare import DataConfig, load_data
 from model import block_linears, cli, load_or_train, memorization, perplexity, pick_device, save_checkpoint, score, \
-    write_json
+    weight_dtype, write_json
 
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -184,9 +184,7 @@ def unlearn(model, data, forget_loss, cfg, rcfg=RetainConfig(), mask=None, pick=
 def load_target(cfg):
     """(model, data): out_dir/target.pt in the requested dtype (trained first if missing) and the data it was
     trained on."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
-    if dtype is None:
-        raise SystemExit(f"--dtype {cfg.dtype}: use float32 or bfloat16")
+    dtype = weight_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed)
     model, ckpt = load_or_train("target", cfg.out_dir, pick_device(cfg.device))
     return model.to(dtype), load_data(DataConfig(**ckpt["data"]), cfg.out_dir)
