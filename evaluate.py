@@ -5,12 +5,16 @@ $ python evaluate.py                               # trains what is missing, run
                                                    # x 5 precisions -> out/results.json, out/results.csv, figures/*.png
 $ python evaluate.py --methods ga_gdr,npo_klr --precisions fp32,rtn4,fp4
 $ python evaluate.py --force                       # rerun every method, re-measure every row
+$ python evaluate.py --dtype bfloat16 --unlearn_args "--lr 1e-4 --steps 100"   # pure bf16 unlearning, other lr
+$ python evaluate.py --sweep                       # issue 6: the study over lr, dtype, alpha, base, width, seeds and
+                                                   # 8 quantizers -> out/sweep.json, figures/6_when.png
 $ python -c "import evaluate, json; evaluate.figures(json.load(open('out/results.json')))"   # redraw the figures
 
 base/target/retrain are trained only when missing (`python model.py --force` retrains them); a method runs when
-its checkpoint is missing or older than target.pt; each (model, precision) row is cached in out/rows/ and measured
-again only when its checkpoint, the target or the settings change. The quantized models live in memory only.
-Methods and rows run in worker processes, one per CPU core (--workers). Logs of training and unlearning: out/logs/.
+its checkpoint is missing, older than target.pt, or made by another command line; each (model, precision) row is
+cached in out/rows/ and measured again only when its checkpoint, the target or the settings change. The quantized
+models live in memory only. Methods and rows run in worker processes, one per CPU core (--workers). Logs of training
+and unlearning: out/logs/. The sweep runs the same study once per condition and resumes where it stopped.
 
 The metrics come first: each a small function, pure where it can be, with its definition and paper in the
 docstring and a hand-checkable test in tests/test_evaluate.py.
@@ -19,6 +23,7 @@ import concurrent.futures
 import contextlib
 import copy
 import csv
+import hashlib
 import importlib
 import io
 import json
@@ -28,6 +33,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
@@ -311,6 +317,14 @@ def grid(W, quant):
     return codes, scale.repeat_interleave(W.shape[1] // scale.shape[1], dim=1)
 
 
+def rounded(W, quant):
+    """Q(W): W (out, in) quantized and dequantized by rtn or a codebook, as quant (quantize.py's block) says."""
+    if quant["method"] in Q.CODEBOOKS:
+        levels = Q.CODEBOOKS[quant["method"]]
+        return Q.codebook_dequantize(*Q.codebook_quantize(W, levels), levels)
+    return Q.dequantize(*Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"]))
+
+
 @torch.no_grad()
 def mechanism(theta_o, theta_u, quant):
     """Per quantized matrix (quantize.quantized_layers) of the target θ_o and unlearned θ_u models:
@@ -319,8 +333,11 @@ def mechanism(theta_o, theta_u, quant):
     own as a user would (codes, not dequantized values: those differ by the scale's change whenever a
     group's absmax weight moved, however little); `same_moved`, that share among the moved weights:
     the unlearning rounded away. Zhang et al. 2024 argue that |δ| < Δ/2 rounds back and never
-    measured it. rtn, nf4, fp4 only: GPTQ's rounding depends on its calibration inputs.
-    "all" pools every matrix."""
+    measured it. `kept` = ⟨Q(θ_u) − Q(θ_o), δ⟩ / ⟨δ, δ⟩ (Q: quantize, then dequantize), the share of the update's
+    direction that survives rounding: 0 when every move rounds back; about 1 when the moved weights sit anywhere
+    in their cells, since a weight then crosses into the next cell with probability |δ|/Δ and moves by Δ, so the
+    rounded update is δ on average however many of them round back. rtn, nf4, fp4 only: GPTQ's rounding depends on
+    its calibration inputs. "all" pools every matrix."""
     if quant["method"] not in ("rtn", *Q.CODEBOOKS):
         raise ValueError(f"mechanism is defined for rtn, nf4 and fp4, not {quant['method']!r}")
     lm_head, res = quant.get("lm_head", False), {}
@@ -331,14 +348,17 @@ def mechanism(theta_o, theta_u, quant):
         ratio = (w_u - w_o).abs() / step
         edges = torch.tensor(RATIO_BINS[1:-1], device=ratio.device)
         hist = torch.bincount(torch.bucketize(ratio.flatten(), edges, right=True), minlength=len(RATIO_BINS) - 1)
-        moved, same = w_u != w_o, c_u == c_o
+        moved, same, delta = w_u != w_o, c_u == c_o, (w_u - w_o).double()
         res[name] = dict(n=w_o.numel(), hist=hist.tolist(), moved=int(moved.sum()),
-                         same=int(same.sum()), same_moved=int((same & moved).sum()))
-    tot = {k: sum(r[k] for r in res.values()) for k in ("n", "moved", "same", "same_moved")}
+                         same=int(same.sum()), same_moved=int((same & moved).sum()),
+                         kept=((rounded(w_u, quant) - rounded(w_o, quant)).double() * delta).sum().item(),
+                         norm=(delta * delta).sum().item())
+    tot = {k: sum(r[k] for r in res.values()) for k in ("n", "moved", "same", "same_moved", "kept", "norm")}
     tot["hist"] = torch.tensor([r["hist"] for r in res.values()]).sum(0).tolist()
     for r in (*res.values(), tot):
         r["same_moved"] = r["same_moved"] / r["moved"] if r["moved"] else float("nan")
         r["moved"], r["same"] = r["moved"] / r["n"], r["same"] / r["n"]
+        r["kept"] = r["kept"] / r.pop("norm") if r["moved"] else float("nan")
     return dict(bins=list(RATIO_BINS), layers=res, all=tot)
 
 
@@ -354,9 +374,11 @@ SCRIPTS = {  # method (SPEC §9) -> the command that writes out/<method>.pt
     "memflex": "unlearn_memflex"}
 CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrained methods of the 21% -> 83%
 SURE = tuple(m + "_sure" for m in CONSTRAINED)  # the same with SURE, the paper's fix, averaged on their own
-PRECISIONS = {"fp32": None, **{name: Q.QuantConfig(method=method, bits=bits) for name, method, bits in (
-    ("rtn8", "rtn", 8), ("rtn4", "rtn", 4), ("gptq4", "gptq", 4), ("nf4", "nf4", 4), ("fp4", "fp4", 4))}}
-# every quantizer per output channel, symmetric (the paper's Eq. 2), block Linears only; nf4/fp4 per block of 64
+PRECISIONS = {"fp32": None, **{name: Q.QuantConfig(method=method, bits=bits, **kw) for name, method, bits, kw in (
+    ("rtn8", "rtn", 8, {}), ("rtn4", "rtn", 4, {}), ("gptq4", "gptq", 4, {}), ("nf4", "nf4", 4, {}),
+    ("fp4", "fp4", 4, {}), ("rtn4_asym", "rtn", 4, dict(sym=False)), ("rtn4_g64", "rtn", 4, dict(group_size=64)))}}
+# block Linears only; per output channel and symmetric (the paper's Eq. 2) unless the name says _asym (min-max) or
+# _g64 (a grid per 64 input columns); nf4/fp4 per block of 64. "fp32" is the unquantized model in its own dtype
 RETAINED = ("verbmem_forget", "knowmem_forget", "forget_exact")  # retained % is reported for these
 PACKAGES = ("torch", "numpy", "tiktoken", "matplotlib")  # their versions go into results.json
 
@@ -373,6 +395,9 @@ class StudyConfig:
     workers: int = 0  # processes running methods and measurements side by side; 0 = one per CPU core up to 4
     el_stride: int = 8  # EL_10 starts at t = 1, 1+stride, ... and is measured at fp32 only (0 = not at all)
     top_k: int = 10  # the likelihood-ranked extraction attack extracts the k likeliest forget sequences
+    dtype: str = "float32"  # weights of the unlearning runs, float32 | bfloat16 (pure); target/retrain measured in it
+    unlearn_args: str = ""  # more settings for every unlearning script, e.g. "--lr 1e-4 --steps 100"
+    sweep: bool = False  # instead of one study, the sweep of SWEEP below -> out/sweep.json, figures/6_when.png
 
 
 def names(value, valid, flag):
@@ -392,16 +417,35 @@ def logged(log, fn, *args):
         return fn(*args)
 
 
-def run_method(cfg, name):
-    """A job: the method's script, through its main(argv), with the study's out_dir, seed and device; returns
-    the seconds it took."""
-    module, *argv = SCRIPTS[name].split()
-    log, t = Path(cfg.out_dir) / "logs" / f"{name}.log", time.time()
+def command(cfg, name):
+    """The command line that makes out_dir/<name>.pt: the method's script with the study's out_dir, seed, device,
+    dtype and unlearn_args. Its log's first line records it, so a checkpoint made otherwise is made again."""
+    return (SCRIPTS[name].split() + ["--out_dir", cfg.out_dir, "--seed", str(cfg.seed), "--device", cfg.device,
+                                     "--dtype", cfg.dtype] + shlex.split(cfg.unlearn_args))
+
+
+def made_by(cfg, name):
+    """The command line in the first line of out_dir/logs/<name>.log, or None."""
     try:
-        logged(log, importlib.import_module(module).main,
-               argv + ["--out_dir", cfg.out_dir, "--seed", str(cfg.seed), "--device", cfg.device])
+        with open(Path(cfg.out_dir) / "logs" / f"{name}.log") as f:
+            return shlex.split(f.readline())[1:]
+    except OSError:
+        return None
+
+
+def run_method(cfg, name):
+    """A job: the method's script, through its main(argv), as command(cfg, name) says; returns the seconds it
+    took."""
+    module, *argv = command(cfg, name)
+    log, t = Path(cfg.out_dir) / "logs" / f"{name}.log", time.time()
+
+    def run():
+        print(shlex.join(["python", module, *argv]), flush=True)
+        importlib.import_module(module).main(argv)
+    try:
+        logged(log, run)
     except SystemExit as e:
-        raise SystemExit(f"{name} (python {module}.py {' '.join(argv)}) failed: {e}\nits log: {log}") from None
+        raise SystemExit(f"{name} (python {module}.py {shlex.join(argv)}) failed: {e}\nits log: {log}") from None
     return time.time() - t
 
 
@@ -419,7 +463,7 @@ def row_key(cfg, name, prec):
     stamp = lambda p: [p.stat().st_mtime_ns, p.stat().st_size] if p.exists() else None
     quant = PRECISIONS[prec] and asdict(replace(PRECISIONS[prec], seed=cfg.seed))
     out = Path(cfg.out_dir)
-    return dict(model=stamp(out / f"{name}.pt"), target=stamp(out / "target.pt"), quant=quant,
+    return dict(model=stamp(out / f"{name}.pt"), target=stamp(out / "target.pt"), quant=quant, dtype=cfg.dtype,
                 el_stride=cfg.el_stride, top_k=cfg.top_k)
 
 
@@ -436,10 +480,10 @@ def cached(cfg, name, prec):
 def measure_model(cfg, name, precisions):
     """A job: the rows of one model at the given precisions, each a copy quantized in memory and measured, for the
     unlearned models at rtn/nf4/fp4 with the mechanism against the target; each row is cached in out/rows/."""
-    out, dev, res = Path(cfg.out_dir), M.pick_device(cfg.device), []
+    out, dev, dtype, res = Path(cfg.out_dir), M.pick_device(cfg.device), M.weight_dtype(cfg.dtype), []
     target, ckpt = M.load_checkpoint(out / "target.pt", dev)
     data = load_data(DataConfig(**ckpt["data"]), out)
-    model = M.load_checkpoint(out / f"{name}.pt", dev)[0]
+    target, model = target.to(dtype), M.load_checkpoint(out / f"{name}.pt", dev)[0].to(dtype)
     for p in precisions:
         t, qmodel, qcfg, quant = time.time(), copy.deepcopy(model), PRECISIONS[p], {}
         row = dict(model=name, precision=p)
@@ -450,7 +494,8 @@ def measure_model(cfg, name, precisions):
         if quant and quant["method"] != "gptq" and name in SCRIPTS:
             mech = mechanism(target, model, quant)["all"]
             row.update(mech_hist=[h / mech["n"] for h in mech["hist"]], mech_moved=mech["moved"],
-                       mech_same=mech["same"], mech_same_moved=mech["same_moved"])  # last: moved, yet rounds back
+                       mech_same=mech["same"], mech_same_moved=mech["same_moved"],  # moved, yet rounds back
+                       mech_kept=mech["kept"])
         res.append(dict(key=row_key(cfg, name, p), row=plain(row),
                         seconds=dict(quantize=quant.get("seconds", 0.0), total=round(time.time() - t, 2))))
         M.write_json(out / "rows" / f"{name}_{p}.json", res[-1])
@@ -524,15 +569,18 @@ def write_csv(path, rows):
 
 def main(argv=None):
     (cfg,) = M.cli(__doc__, StudyConfig, argv=argv)
+    if cfg.sweep:
+        return sweep(cfg)
+    M.weight_dtype(cfg.dtype)  # refuses an unknown one before anything runs
     methods = names(cfg.methods, SCRIPTS, "methods")
     precisions = list(dict.fromkeys(["fp32", *names(cfg.precisions, PRECISIONS, "precisions")]))
     out, dev, t_start, seconds, cpu_start = Path(cfg.out_dir), M.pick_device(cfg.device), time.time(), {}, cpu_time()
     workers = cfg.workers or (1 if dev.startswith("cuda") else min(4, os.cpu_count() or 1))
     models = ["target", "retrain", *methods]
     train = not all((out / f"{n}.pt").exists() for n in ("target", "retrain"))
-    older = lambda m: not (out / f"{m}.pt").exists() or train or (
+    older = lambda m: not (out / f"{m}.pt").exists() or train or made_by(cfg, m) != command(cfg, m) or (
         (out / f"{m}.pt").stat().st_mtime_ns < (out / "target.pt").stat().st_mtime_ns)
-    run = [m for m in methods if cfg.force or older(m)]  # missing, or unlearned from an earlier target
+    run = [m for m in methods if cfg.force or older(m)]  # missing, made otherwise, or from an earlier target
     todo = {n: [p for p in precisions if cfg.force or n in run or cached(cfg, n, p) is None] for n in models}
     progress = Progress(workers, train=int(train), method=len(run), row=sum(map(len, todo.values())))
     print(f"study: {'training base/target/retrain, ' if train else ''}{len(run)} of {len(methods)} methods to run, "
@@ -577,7 +625,7 @@ def main(argv=None):
                              torch_threads=torch.get_num_threads()))
     results = plain(dict(meta=meta, retained=summary, rows=rows))
     t = time.time()
-    paths = figures(results, cfg.fig_dir)
+    paths = figures(results, cfg.fig_dir) if cfg.fig_dir else []
     seconds.update(figures=round(time.time() - t, 2), total=round(time.time() - t_start, 2),
                    cpu=round(cpu_time() - cpu_start, 2))  # of this process and its workers, all cores
     results["meta"]["seconds"] = seconds
@@ -708,6 +756,186 @@ def figures(results, fig_dir="figures"):
         fig.suptitle("5. Do the unlearning updates survive rounding?")
         save(fig, "5_mechanism.png")
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sweep: when does quantization bring unlearned text back? (issue 6; SPEC §6 figure 6 and §8)
+
+SWEEP_PRECISIONS = "fp32,rtn8,rtn4,rtn4_asym,rtn4_g64,gptq4,nf4,fp4"
+FOUR_BIT = ("rtn4", "rtn4_asym", "rtn4_g64", "gptq4", "nf4", "fp4")
+LRS = ("3e-5", "1e-4", "3e-4", "1e-3")  # the learning-rate grid, 100 steps each
+REFERENCES = (("float32", ""), ("bfloat16", "--lr 1e-4 --steps 100"))  # the default study, and pure bf16 where
+# only part of the weights move (SPEC §8); the other axes and the seeds vary one thing from each of them
+FINDING2 = ("ga", "sga", "tau")
+SWEEP = [  # (axis, model.py settings of the target, seed, --dtype, settings of the unlearning scripts, methods)
+    *[("lr", "", 1337, d, f"--lr {lr} --steps 100", CONSTRAINED) for d, _ in REFERENCES for lr in LRS],
+    *[("lr 3e-5, 300 steps", "", 1337, d, "--lr 3e-5 --steps 300", CONSTRAINED) for d, _ in REFERENCES],  # SPEC §8
+    *[("seed", "", s, d, u, CONSTRAINED + SURE + FINDING2) for d, u in REFERENCES for s in (1337, 1338, 1339)],
+    *[(axis, t, 1337, d, f"{u} {extra}".strip(), CONSTRAINED) for d, u in REFERENCES for axis, t, extra in (
+        ("alpha 3", "", "--alpha 3"), ("no base", "--base_steps 0", ""), ("base x10", "--base_steps 1000", ""),
+        ("width 256", "--n_embd 256", ""), ("bf16 target", "--dtype bfloat16", ""))]]
+
+
+def slug(args):
+    """A directory name for command-line settings: '--lr 1e-4 --steps 100' -> 'lr_1e-4_steps_100'; past 80
+    characters, the first 64 and a hash of the whole."""
+    name = re.sub(r"[^\w.-]+", "_", args.replace("--", " ").strip()) or "default"
+    return name if len(name) <= 80 else f"{name[:64]}_{hashlib.sha1(args.encode()).hexdigest()[:12]}"
+
+
+def sweep(cfg, conditions=SWEEP):
+    """The study once per condition, in out_dir/sweep/<target settings>/<unlearning settings>/ beside a target and
+    retrain trained once per target settings (linked in); conditions measured before are read back from their rows.
+    Writes out_dir/sweep.json (every condition's rows and retained %, and the headline over seeds) and
+    fig_dir/6_when.png."""
+    root, t0, conds = Path(cfg.out_dir) / "sweep", time.time(), []
+    for i, (axis, train_args, seed, dtype, unlearn_args, methods) in enumerate(conditions):
+        tdir = root / slug(f"{train_args} --seed {seed}")
+        if not all((tdir / f).exists() for f in ("target.pt", "retrain.pt")):
+            argv = shlex.split(train_args) + ["--out_dir", str(tdir), "--seed", str(seed), "--device", cfg.device]
+            logged(tdir / "logs" / "train.log", M.train_all, *M.cli("", M.TrainConfig, DataConfig, argv=argv))
+        cdir = tdir / slug(f"{dtype} {unlearn_args}")
+        cdir.mkdir(parents=True, exist_ok=True)
+        for f in ("target.pt", "retrain.pt", "train.json", "data"):
+            if not (cdir / f).is_symlink():
+                (cdir / f).symlink_to(Path("..") / f)
+        argv = ["--out_dir", str(cdir), "--fig_dir", "", "--methods", ",".join(methods), "--precisions",
+                SWEEP_PRECISIONS, "--seed", str(seed), "--device", cfg.device, "--workers", str(cfg.workers),
+                "--el_stride", "0", "--dtype", dtype, "--unlearn_args", unlearn_args]
+        res = logged(cdir / "logs" / "study.log", main, argv)
+        conds.append(dict(axis=axis, train_args=train_args, seed=seed, dtype=dtype, unlearn_args=unlearn_args,
+                          dir=str(cdir.relative_to(root)), retained=res["retained"], rows=res["rows"]))
+        got = {p: res["retained"][p].get("constrained", {}).get("verbmem_forget") for p in ("fp32", "rtn8", "rtn4")}
+        print(f"[{time.time() - t0:5.0f}s] {i + 1}/{len(conditions)} {axis}: {dtype} {unlearn_args or 'defaults'}, "
+              f"target {train_args or 'defaults'}, seed {seed} | retained VerbMem % " + " ".join(
+                  f"{p} {'n/a' if v is None else f'{v:.0f}'}" for p, v in got.items()) + " | rtn4: moved "
+              f"{mech(conds[-1], 'mech_moved'):.0%}, of them back {mech(conds[-1], 'mech_same_moved'):.0%}, "
+              f"update kept {mech(conds[-1], 'mech_kept'):.2f}", flush=True)
+    results = plain(dict(meta=dict(settings=asdict(cfg), precisions=SWEEP_PRECISIONS.split(","),
+                                   seconds=round(time.time() - t0, 1), machine=dict(
+                                       platform=platform.platform(), cpu_count=os.cpu_count())),
+                         headline=headline(conds), conditions=conds))
+    M.write_json(Path(cfg.out_dir) / "sweep.json", results)
+    sweep_report(results)
+    if cfg.fig_dir:
+        figure6(results, cfg.fig_dir)
+    print(f"wrote {Path(cfg.out_dir) / 'sweep.json'} and {Path(cfg.fig_dir) / '6_when.png'} "
+          f"({results['meta']['seconds']:.0f}s)")
+    return results
+
+
+def mech(cond, key, precision="rtn4"):
+    """The mean over the utility-constrained methods of a mechanism statistic of a sweep condition."""
+    return float(np.mean([r.get(key, np.nan) for r in cond["rows"]
+                          if r["model"] in CONSTRAINED and r["precision"] == precision]))
+
+
+def headline(conds):
+    """Mean and standard deviation over the seeds of each reference: retained % per group and precision, and for
+    finding 2, per method at full precision, the outlier counts and the extraction attacks' success."""
+    out = {}
+    for dtype, _ in REFERENCES:
+        seeds = [c for c in conds if c["axis"] == "seed" and c["dtype"] == dtype]
+        if not seeds:
+            continue
+        stat = lambda v: [float(np.mean(v)), float(np.std(v))] if None not in v else None
+        ret = {p: {g: {k: stat([c["retained"][p][g][k] for c in seeds]) for k in RETAINED}
+                   for g in seeds[0]["retained"][p]} for p in seeds[0]["retained"]}
+        rows = [{(r["model"], r["precision"]): r for r in c["rows"]} for c in seeds]
+        f2 = {m: {k: stat([by[m, "fp32"][k] for by in rows]) for k in (
+            "outliers_low", "outliers_high", "forget_exact", "extraction_top_k", "forget_ma")}
+              for m in ("target", *FINDING2, *CONSTRAINED, *SURE) if (m, "fp32") in rows[0]}
+        out[dtype] = dict(seeds=[c["seed"] for c in seeds], retained=ret, finding2=f2)
+    return out
+
+
+def sweep_report(results):
+    """The headline over seeds as markdown tables: retained % per precision for each reference, and finding 2."""
+    ms = lambda v, scale=1, f=".1f": "n/a" if v is None else f"{scale * v[0]:{f}} ± {scale * v[1]:{f}}"
+    for dtype, h in results["headline"].items():
+        groups = list(h["retained"]["fp32"])
+        label = dict(verbmem_forget="VerbMem", knowmem_forget="KnowMem", forget_exact="exact")
+        print(f"\nretained % ({dtype} reference, seeds {h['seeds']}, mean ± sd)\n\n| precision | " + " | ".join(
+            f"{g} {label[k]}" for g in groups for k in RETAINED) + " |\n" + "|---" * (1 + 3 * len(groups)) + "|")
+        for p, r in h["retained"].items():
+            print(f"| {p} | " + " | ".join(ms(r[g][k]) for g in groups for k in RETAINED) + " |")
+        print("\n| method (fp32) | MA ≤ 0.15 | MA ≥ 0.60 | extracted % | top-10 extracted % | mean MA |\n"
+              + "|---" * 6 + "|")
+        for m, r in h["finding2"].items():
+            print(f"| {m} | {ms(r['outliers_low'])} | {ms(r['outliers_high'])} | {ms(r['forget_exact'], 100)} | "
+                  f"{ms(r['extraction_top_k'], 100)} | {ms(r['forget_ma'], f='.2f')} |")
+
+
+def figure6(results, fig_dir="figures"):
+    """Figure 6 of SPEC §6 from a sweep dict (out/sweep.json): recovery (retained VerbMem % at a precision minus at
+    full precision, mean of the utility-constrained methods) against the learning rate per weight dtype and
+    quantizer; retained % itself; the mechanism at rtn4; the other axes; the seeds' headline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    conds, dtypes = results["conditions"], [d for d, _ in REFERENCES]
+    ret = lambda c, p, g="constrained": np.nan if c["retained"].get(p, {}).get(g, {}).get(
+        "verbmem_forget") is None else c["retained"][p][g]["verbmem_forget"]
+    rec = lambda c, p: ret(c, p) - ret(c, "fp32")
+    grid = {d: sorted((float(re.search(r"--lr (\S+)", c["unlearn_args"]).group(1)), c) for c in conds
+                      if c["axis"] == "lr" and c["dtype"] == d) for d in dtypes}
+    fig, axes = plt.subplots(2, 3, figsize=(19, 10), layout="constrained")
+    for ax, d in zip(axes[0, :2], dtypes):
+        for p in ("rtn8", *FOUR_BIT):
+            ax.plot([lr for lr, _ in grid[d]], [rec(c, p) for _, c in grid[d]], marker="o", label=p,
+                    ls="--" if p == "rtn8" else "-")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set(xscale="log" if grid[d] else "linear", xlabel="learning rate (100 steps)",
+               ylabel="recovery: retained VerbMem % at p − at full", title=f"{d} weights")
+    axes[0, 0].legend(fontsize=8)
+    for d, ls in zip(dtypes, ("-", "--")):
+        for p, color in (("fp32", "tab:blue"), ("rtn4", "tab:red")):
+            axes[0, 2].plot([lr for lr, _ in grid[d]], [ret(c, p) for _, c in grid[d]], marker="o", ls=ls,
+                            color=color, label=f"{d}, {'full precision' if p == 'fp32' else p}")
+        axes[1, 0].plot([lr for lr, _ in grid[d]], [mech(c, "mech_moved") for _, c in grid[d]], marker="o", ls=ls,
+                        color="tab:green", label=f"{d}: share of weights moved")
+        axes[1, 0].plot([lr for lr, _ in grid[d]], [mech(c, "mech_same_moved") for _, c in grid[d]], marker="s",
+                        ls=ls, color="tab:purple", label=f"{d}: moved ones back on the target's rtn4 code")
+        axes[1, 0].plot([lr for lr, _ in grid[d]], [mech(c, "mech_kept") for _, c in grid[d]], marker="^", ls=ls,
+                        color="tab:orange", label=f"{d}: update kept by rounding, ⟨Q(θ_u) − Q(θ_o), δ⟩ / |δ|²")
+    scale = "log" if any(grid.values()) else "linear"
+    axes[0, 2].set(xscale=scale, xlabel="learning rate (100 steps)", ylabel="retained VerbMem %",
+                   title="retained knowledge (paper: 21% full, 83% 4-bit)")
+    axes[0, 2].legend(fontsize=8)
+    axes[1, 0].set(xscale=scale, ylim=(0, 1.1), xlabel="learning rate (100 steps)", ylabel="share",
+                   title="the mechanism at rtn4")
+    axes[1, 0].legend(fontsize=8)
+    others = list(dict.fromkeys(c["axis"] for c in conds if c["axis"] not in ("lr", "seed")))
+    ref = {d: next((c for c in conds if c["axis"] == "seed" and c["dtype"] == d and c["seed"] == 1337), None)
+           for d in dtypes}
+    labels, w = ["reference", *others], 0.8 / len(dtypes)
+    for j, d in enumerate(dtypes):
+        pick = [ref[d]] + [next((c for c in conds if c["axis"] == a and c["dtype"] == d), None) for a in others]
+        axes[1, 1].bar(np.arange(len(labels)) + (j - 0.5) * w, [np.nan if c is None else rec(c, "rtn4")
+                                                               for c in pick], w, label=d)
+    axes[1, 1].axhline(0, color="black", lw=0.6)
+    axes[1, 1].set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axes[1, 1].set(ylabel="recovery at rtn4 (points)", title="the other conditions")
+    axes[1, 1].legend(fontsize=8)
+    shown, bars = ["fp32", "rtn8", *FOUR_BIT], []
+    for d in dtypes:
+        for g in ("constrained", "sure"):
+            h = results["headline"].get(d, {}).get("retained", {})
+            if all(h.get(p, {}).get(g, {}).get("verbmem_forget") for p in shown):
+                bars.append((f"{d}, {g}", [h[p][g]["verbmem_forget"] for p in shown]))
+    w = 0.8 / max(1, len(bars))
+    for j, (name, ms) in enumerate(bars):
+        axes[1, 2].bar(np.arange(len(shown)) + (j - (len(bars) - 1) / 2) * w, [m for m, _ in ms], w,
+                       yerr=[s for _, s in ms], capsize=2, label=name)
+    axes[1, 2].set_xticks(range(len(shown)), shown, rotation=30, ha="right")
+    axes[1, 2].set(ylabel="retained VerbMem %", title=f"the references over seeds (mean ± sd)")
+    axes[1, 2].legend(fontsize=8)
+    fig.suptitle("6. When does quantization bring unlearned text back? (utility-constrained GA/NPO, mean of 4)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(Path(fig_dir) / "6_when.png", buf.getvalue())
+    return Path(fig_dir) / "6_when.png"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import copy
 import csv
 import itertools
 import json
+import math
 import shutil
 import time
 from types import SimpleNamespace
@@ -193,6 +194,18 @@ def test_mechanism_on_identical_and_crafted_weights():
     assert m["hist"] == [n - 1, 0, 0, 0, 0, 1]
     assert m["moved"] == pytest.approx(2 / n) and m["same"] == pytest.approx((n - 1) / n)
     assert m["same_moved"] == 0.5
+    # the rounded update: 0 for the first weight, exactly 3 steps for the second (3·step is on the grid)
+    assert m["kept"] == pytest.approx((0 * 0.1 + 3 * 3) / (0.1 ** 2 + 3 ** 2))
+    assert math.isnan(ev.mechanism(theta_o, copy.deepcopy(theta_o), RTN4)["all"]["kept"])
+    # every weight moved by ±0.2 of its step: most round back, but the weights sit anywhere in their cells, so on
+    # average the rounded update is the update itself
+    theta_u, gen = copy.deepcopy(theta_o), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in block_linears(theta_u).values():
+            W = layer.weight
+            W += 0.2 * W.abs().amax(1, keepdim=True) / 8 * (2 * torch.randint(0, 2, W.shape, generator=gen) - 1)
+    m = ev.mechanism(theta_o, theta_u, RTN4)["all"]
+    assert m["moved"] == 1.0 and m["same_moved"] > 0.7 and m["kept"] == pytest.approx(1.0, abs=0.1)
     with pytest.raises(ValueError, match="gptq"):
         ev.mechanism(theta_o, theta_u, dict(RTN4, method="gptq"))
 
@@ -281,3 +294,55 @@ def test_same_seed_same_numbers(study, tmp_path):
     first = {(r["model"], r["precision"]): r for r in study.results["rows"]}
     for r in forced["rows"]:
         assert r == first[r["model"], r["precision"]]
+
+
+def test_precision_names_are_quantize_py_names():
+    assert all(ev.Q.quant_name(q) == p for p, q in ev.PRECISIONS.items() if q is not None)
+
+
+def test_a_method_made_with_other_settings_runs_again(study, tmp_path):
+    shutil.copytree(study.out, tmp_path / "out")
+    argv = study_argv(tmp_path / "out", tmp_path / "fig", "fp32") + ["--methods", "ga"]
+    res = ev.main(argv + ["--unlearn_args", "--steps 3"])
+    assert set(res["meta"]["seconds"]["methods"]) == {"ga"}
+    assert json.loads((tmp_path / "out" / "ga.json").read_text())["steps"] == 3
+    assert "methods" not in ev.main(argv + ["--unlearn_args", "--steps 3"])["meta"]["seconds"]
+    with pytest.raises(SystemExit, match="--dtype float16: use float32 or bfloat16"):
+        ev.main(argv + ["--dtype", "float16"])
+
+
+def test_slug():
+    assert ev.slug("--lr 1e-4 --steps 100") == "lr_1e-4_steps_100"
+    assert ev.slug("bfloat16 --book ../x/a b.txt") == "bfloat16_book_.._x_a_b.txt" and ev.slug("") == "default"
+    assert len(ev.slug("--n_embd 64 " * 20)) == 77 and ev.slug("--n_embd 64 " * 20) != ev.slug("--n_embd 64 " * 21)
+
+
+def test_sweep_on_the_tiny_model(tiny, tmp_path):
+    """Two conditions of the sweep (a learning rate, and a seed reference in pure bf16) on the tiny target, which is
+    linked in as the sweep's target for its settings; then the same sweep again reads everything back."""
+    tcfg, dcfg = tiny.cfg, tiny.dcfg
+    skip = ("out_dir", "seed", "device", "force", "log_interval")
+    train = " ".join(f"--{k} {v}" for c in (tcfg, dcfg) for k, v in vars(c).items() if k not in skip)
+    shutil.copytree(tiny.out_dir, tmp_path / "out" / "sweep" / ev.slug(f"{train} --seed 1337"))
+    conds = [("lr", train, 1337, "float32", "--lr 1e-3 --steps 4", ("ga_gdr",)),
+             ("seed", train, 1337, "bfloat16", "--lr 1e-3 --steps 4", ("ga_gdr", "ga_gdr_sure", "ga", "sga", "tau"))]
+    (cfg,) = ev.M.cli("", ev.StudyConfig, argv=["--out_dir", str(tmp_path / "out"), "--fig_dir", str(tmp_path),
+                                                 "--workers", "1"])
+    res = ev.sweep(cfg, conds)
+    assert res == json.loads((tmp_path / "out" / "sweep.json").read_text())
+    lr, seed = res["conditions"]
+    assert lr["dir"].endswith("float32_lr_1e-3_steps_4") and seed["dir"].endswith("bfloat16_lr_1e-3_steps_4")
+    assert {r["model"] for r in lr["rows"]} == {"target", "retrain", "ga_gdr"}
+    assert {r["precision"] for r in lr["rows"]} == set(ev.SWEEP_PRECISIONS.split(","))
+    assert set(seed["retained"]["rtn4"]) == {"constrained", "sure"}
+    head = res["headline"]["bfloat16"]
+    assert head["seeds"] == [1337] and set(head["finding2"]) == {"target", "ga", "sga", "tau", "ga_gdr",
+                                                                 "ga_gdr_sure"}
+    mean, sd = head["retained"]["fp32"]["constrained"]["forget_exact"]
+    assert mean == seed["retained"]["fp32"]["constrained"]["forget_exact"] and sd == 0
+    unlearned = torch.load(tmp_path / "out" / "sweep" / seed["dir"] / "ga_gdr.pt", weights_only=True)
+    assert unlearned["model"]["lm_head.weight"].dtype == torch.bfloat16
+    assert (tmp_path / "6_when.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "sweep").rglob("rows/*.json")}
+    assert ev.sweep(cfg, conds)["conditions"] == res["conditions"]
+    assert {p: p.stat().st_mtime_ns for p in rows} == rows
