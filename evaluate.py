@@ -658,6 +658,16 @@ def report(results):
 # ----------------------------------------------------------------------------------------------------------------
 # figures 1-5 of SPEC §6, from a results dict (out/results.json)
 
+def save_png(fig, path):
+    """Writes a matplotlib figure to path as a PNG, atomically, and closes it; returns the path."""
+    import matplotlib.pyplot as plt  # the callers have chosen the Agg backend
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def figures(results, fig_dir="figures"):
     """Draws the figures into fig_dir, each written atomically; returns their paths."""
     import matplotlib
@@ -672,11 +682,7 @@ def figures(results, fig_dir="figures"):
     both, paths = list(dict.fromkeys(["fp32", low])), []
 
     def save(fig, name):
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(Path(fig_dir) / name)
-        atomic_write_bytes(paths[-1], buf.getvalue())
+        paths.append(save_png(fig, Path(fig_dir) / name))
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")  # 1. recovery curves
     for ax, k, title in zip(axes, ("verbmem_forget", "knowmem_forget"), ("VerbMem on D_f", "KnowMem on D_f")):
@@ -807,11 +813,11 @@ def sweep(cfg, conditions=SWEEP):
         conds.append(dict(axis=axis, train_args=train_args, seed=seed, dtype=dtype, unlearn_args=unlearn_args,
                           dir=str(cdir.relative_to(root)), retained=res["retained"], rows=res["rows"]))
         got = {p: res["retained"][p].get("constrained", {}).get("verbmem_forget") for p in ("fp32", "rtn8", "rtn4")}
+        moved, back, kept = (mech_mean(conds[-1], k) for k in ("mech_moved", "mech_same_moved", "mech_kept"))
         print(f"[{time.time() - t0:5.0f}s] {i + 1}/{len(conditions)} {axis}: {dtype} {unlearn_args or 'defaults'}, "
               f"target {train_args or 'defaults'}, seed {seed} | retained VerbMem % " + " ".join(
-                  f"{p} {'n/a' if v is None else f'{v:.0f}'}" for p, v in got.items()) + " | rtn4: moved "
-              f"{mech(conds[-1], 'mech_moved'):.0%}, of them back {mech(conds[-1], 'mech_same_moved'):.0%}, "
-              f"update kept {mech(conds[-1], 'mech_kept'):.2f}", flush=True)
+                  f"{p} {'n/a' if v is None else f'{v:.0f}'}" for p, v in got.items())
+              + f" | rtn4: moved {moved:.0%}, of them back {back:.0%}, update kept {kept:.2f}", flush=True)
     results = plain(dict(meta=dict(settings=asdict(cfg), precisions=SWEEP_PRECISIONS.split(","),
                                    seconds=round(time.time() - t0, 1), machine=dict(
                                        platform=platform.platform(), cpu_count=os.cpu_count())),
@@ -825,7 +831,7 @@ def sweep(cfg, conditions=SWEEP):
     return results
 
 
-def mech(cond, key, precision="rtn4"):
+def mech_mean(cond, key, precision="rtn4"):
     """The mean over the utility-constrained methods of a mechanism statistic of a sweep condition."""
     return float(np.mean([r.get(key, np.nan) for r in cond["rows"]
                           if r["model"] in CONSTRAINED and r["precision"] == precision]))
@@ -894,12 +900,12 @@ def figure6(results, fig_dir="figures"):
         for p, color in (("fp32", "tab:blue"), ("rtn4", "tab:red")):
             axes[0, 2].plot([lr for lr, _ in grid[d]], [ret(c, p) for _, c in grid[d]], marker="o", ls=ls,
                             color=color, label=f"{d}, {'full precision' if p == 'fp32' else p}")
-        axes[1, 0].plot([lr for lr, _ in grid[d]], [mech(c, "mech_moved") for _, c in grid[d]], marker="o", ls=ls,
-                        color="tab:green", label=f"{d}: share of weights moved")
-        axes[1, 0].plot([lr for lr, _ in grid[d]], [mech(c, "mech_same_moved") for _, c in grid[d]], marker="s",
-                        ls=ls, color="tab:purple", label=f"{d}: moved ones back on the target's rtn4 code")
-        axes[1, 0].plot([lr for lr, _ in grid[d]], [mech(c, "mech_kept") for _, c in grid[d]], marker="^", ls=ls,
-                        color="tab:orange", label=f"{d}: update kept by rounding, ⟨Q(θ_u) − Q(θ_o), δ⟩ / |δ|²")
+        for key, marker, color, what in (
+                ("mech_moved", "o", "tab:green", "share of weights moved"),
+                ("mech_same_moved", "s", "tab:purple", "moved ones back on the target's rtn4 code"),
+                ("mech_kept", "^", "tab:orange", "update kept by rounding, ⟨Q(θ_u) − Q(θ_o), δ⟩ / |δ|²")):
+            axes[1, 0].plot([lr for lr, _ in grid[d]], [mech_mean(c, key) for _, c in grid[d]], marker=marker,
+                            ls=ls, color=color, label=f"{d}: {what}")
     scale = "log" if any(grid.values()) else "linear"
     axes[0, 2].set(xscale=scale, xlabel="learning rate (100 steps)", ylabel="retained VerbMem %",
                    title="retained knowledge (paper: 21% full, 83% 4-bit)")
@@ -934,11 +940,7 @@ def figure6(results, fig_dir="figures"):
     axes[1, 2].set(ylabel="retained VerbMem %", title="the references over seeds (mean ± sd)", ylim=(0, 100))
     axes[1, 2].legend(fontsize=8, ncol=2, loc="upper right")
     fig.suptitle("6. When does quantization bring unlearned text back? (utility-constrained GA/NPO, mean of 4)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(Path(fig_dir) / "6_when.png", buf.getvalue())
-    return Path(fig_dir) / "6_when.png"
+    return save_png(fig, Path(fig_dir) / "6_when.png")
 
 
 if __name__ == "__main__":
