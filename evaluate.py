@@ -34,6 +34,7 @@ import platform
 import re
 import resource
 import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
@@ -44,7 +45,7 @@ import torch
 
 import model as M
 import quantize as Q
-from data.prepare import DataConfig, atomic_write_bytes, load_data
+from data.prepare import DataConfig, atomic_write_bytes, check_range, load_data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def grid(W, quant):
     Q.check(quant["method"], quant["bits"])
     if quant["group_size"] and W.shape[1] % quant["group_size"]:
         raise ValueError(f"group_size {quant['group_size']} does not divide {W.shape[1]} columns")
-    codes, scale, _ = Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"])
+    codes, scale, _ = Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"], quant.get("absmax", False))
     return codes, scale.repeat_interleave(W.shape[1] // scale.shape[1], dim=1)
 
 
@@ -322,7 +323,7 @@ def rounded(W, quant):
     if quant["method"] in Q.CODEBOOKS:
         levels = Q.CODEBOOKS[quant["method"]]
         return Q.codebook_dequantize(*Q.codebook_quantize(W, levels), levels)
-    return Q.dequantize(*Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"]))
+    return Q.dequantize(*Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"], quant.get("absmax", False)))
 
 
 @torch.no_grad()
@@ -375,7 +376,7 @@ SCRIPTS = {  # method (SPEC §9) -> the command that writes out/<method>.pt
 CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrained methods of the 21% -> 83%
 SURE = tuple(m + "_sure" for m in CONSTRAINED)  # the same with SURE, the paper's fix, averaged on their own
 PRECISIONS = {"fp32": None, **{name: Q.QuantConfig(method=method, bits=bits, **kw) for name, method, bits, kw in (
-    ("rtn8", "rtn", 8, {}), ("rtn4", "rtn", 4, {}), ("gptq4", "gptq", 4, {}), ("nf4", "nf4", 4, {}),
+    ("int8", "rtn", 8, dict(absmax=True)), ("rtn4", "rtn", 4, {}), ("gptq4", "gptq", 4, {}), ("nf4", "nf4", 4, {}),
     ("fp4", "fp4", 4, {}), ("rtn4_asym", "rtn", 4, dict(sym=False)), ("rtn4_g64", "rtn", 4, dict(group_size=64)))}}
 # block Linears only; per output channel and symmetric (the paper's Eq. 2) unless the name says _asym (min-max) or
 # _g64 (a grid per 64 input columns); nf4/fp4 per block of 64. "fp32" is the unquantized model in its own dtype
@@ -388,7 +389,7 @@ class StudyConfig:
     out_dir: str = "out"  # checkpoints are read and made here; results.json/.csv, rows/ and logs/ are written here
     fig_dir: str = "figures"  # where the figures go
     methods: str = ",".join(SCRIPTS)  # comma list of the unlearning methods to run (when missing) and measure
-    precisions: str = "fp32,rtn8,rtn4,gptq4,nf4"  # comma list of fp32 rtn8 rtn4 gptq4 nf4 fp4 (fp32 is always in)
+    precisions: str = "fp32,int8,rtn4,gptq4,nf4"  # comma list of fp32 int8 rtn4 gptq4 nf4 fp4 (fp32 is always in)
     force: bool = False  # rerun every method and re-measure every row (`python model.py --force` retrains the models)
     seed: int = 1337  # training, unlearning, and GPTQ's calibration windows
     device: str = "auto"  # 'auto' = cuda if present, else cpu
@@ -398,6 +399,10 @@ class StudyConfig:
     dtype: str = "float32"  # weights of the unlearning runs, float32 | bfloat16 (pure); target/retrain measured in it
     unlearn_args: str = ""  # more settings for every unlearning script, e.g. "--lr 1e-4 --steps 100"
     sweep: bool = False  # instead of one study, the sweep of SWEEP below -> out/sweep.json, figures/6_when.png
+    seeds: str = ""  # comma list, e.g. 1337,1338,1339: the study at each seed -> out/seeds.json, mean ± sd
+
+    def __post_init__(self):
+        check_range(self, workers=">= 0", el_stride=">= 0", top_k=">= 1")
 
 
 def names(value, valid, flag):
@@ -492,10 +497,12 @@ def measure_model(cfg, name, precisions):
             row["quant_error"] = quant["rel_output_error"]  # mean relative output error of the Linears
         row.update(measure(qmodel, data, cfg.el_stride if qcfg is None else 0, cfg.top_k))
         if quant and quant["method"] != "gptq" and name in SCRIPTS:
-            mech = mechanism(target, model, quant)["all"]
-            row.update(mech_hist=[h / mech["n"] for h in mech["hist"]], mech_moved=mech["moved"],
-                       mech_same=mech["same"], mech_same_moved=mech["same_moved"],  # moved, yet rounds back
-                       mech_kept=mech["kept"])
+            mech = mechanism(target, model, quant)
+            pooled = mech["all"]
+            row.update(mech_hist=[h / pooled["n"] for h in pooled["hist"]], mech_moved=pooled["moved"],
+                       mech_same=pooled["same"], mech_same_moved=pooled["same_moved"],  # moved, yet rounds back
+                       mech_kept=pooled["kept"], mech_layers={  # the same per quantized matrix
+                           n: {k: r[k] for k in ("moved", "same", "same_moved", "kept")} for n, r in mech["layers"].items()})
         res.append(dict(key=row_key(cfg, name, p), row=plain(row),
                         seconds=dict(quantize=quant.get("seconds", 0.0), total=round(time.time() - t, 2))))
         M.write_json(out / "rows" / f"{name}_{p}.json", res[-1])
@@ -559,7 +566,7 @@ def cpu_time():
 
 def write_csv(path, rows):
     """One line per (model, precision), the scalar columns (the per-sequence lists are in results.json)."""
-    cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, list)))
+    cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))))
     buf = io.StringIO()
     w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -571,6 +578,8 @@ def main(argv=None):
     (cfg,) = M.cli(__doc__, StudyConfig, argv=argv)
     if cfg.sweep:
         return sweep(cfg)
+    if cfg.seeds:
+        return over_seeds(cfg, sys.argv[1:] if argv is None else argv)
     M.weight_dtype(cfg.dtype)  # refuses an unknown one before anything runs
     methods = names(cfg.methods, SCRIPTS, "methods")
     precisions = list(dict.fromkeys(["fp32", *names(cfg.precisions, PRECISIONS, "precisions")]))
@@ -637,18 +646,55 @@ def main(argv=None):
     return results
 
 
+def mean_sd(values):
+    """[mean, sample standard deviation] of a list of numbers (sd 0 for one number); None if any is missing."""
+    if any(v is None for v in values):
+        return None
+    return [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
+
+
+def over_seeds(cfg, argv):
+    """--seeds: the study once per seed (the first in out_dir itself, the others in out_dir/seed_<s>, each with its
+    own base/target/retrain; the data are the same), then every number's mean ± sample sd over the seeds:
+    out_dir/seeds.json, and Table 1 with its spreads, printed."""
+    seeds, t0 = [int(s) for s in cfg.seeds.split(",")], time.time()
+    runs = [main([*argv, "--seeds", "", "--seed", str(s)] + ([] if i == 0 else [
+        "--out_dir", str(Path(cfg.out_dir) / f"seed_{s}"), "--fig_dir", ""])) for i, s in enumerate(seeds)]
+    by = {}
+    for run in runs:
+        for r in run["rows"]:
+            by.setdefault((r["model"], r["precision"]), []).append(r)
+    rows = [dict(model=m, precision=p, **{k: mean_sd([r[k] for r in rs]) for k, v in rs[0].items()
+                                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for (m, p), rs in by.items()]
+    retained = {p: {g: {k: mean_sd([run["retained"][p][g][k] for run in runs]) for k in RETAINED} for g in groups}
+                for p, groups in runs[0]["retained"].items()}
+    meta = dict(seeds=seeds, seconds=round(time.time() - t0, 1), precisions=runs[0]["meta"]["precisions"],
+                machine=runs[0]["meta"]["machine"], settings=runs[0]["meta"]["settings"])
+    results = plain(dict(meta=meta, retained=retained, rows=rows))
+    M.write_json(Path(cfg.out_dir) / "seeds.json", results)
+    print(f"\nTable 1 over seeds {seeds} (mean ± sample sd)")
+    report(results)
+    return results
+
+
 def report(results):
-    """The paper's Table 1 layout (SPEC §7) at fp32 and the first 4-bit precision, then the retained summary."""
+    """The paper's Table 1 layout (SPEC §7) at fp32 and the first 4-bit precision, then the retained summary. A
+    number is a float, or [mean, sd] over seeds (out/seeds.json)."""
     rows, precs = results["rows"], results["meta"]["precisions"]
     shown = ["fp32"] + [p for p in precs if p.endswith("4")][:1]
-    fmt = lambda v: f"{v:9.1f}" if v is not None else f"{'n/a':>9}"
-    print(f"{'model':<14}{'precision':<10}{'VerbMem':>9}{'KnowMem':>9}{'PrivLeak':>9}{'KM-ret':>9}{'exact':>9}"
-          f"{'ppl':>9}")
+
+    def fmt(v, scale=1):
+        if v is None:
+            return f"{'n/a':>12}"
+        return f"{scale * v[0]:7.1f} ±{scale * v[1]:4.1f}" if isinstance(v, list) else f"{scale * v:12.1f}"
+    print(f"{'model':<14}{'precision':<10}" + "".join(f"{h:>12}" for h in (
+        "VerbMem", "KnowMem", "PrivLeak", "KnowMem-ret", "exact %", "ppl")))
     for r in rows:
         if r["precision"] in shown:
             print(f"{r['model']:<14}{r['precision']:<10}" + "".join(fmt(r[k]) for k in (
                 "verbmem_forget", "knowmem_forget", "privleak", "knowmem_retain")) +
-                  fmt(100 * r["forget_exact"]) + fmt(r["holdout_ppl"]))
+                  fmt(r["forget_exact"], 100) + fmt(r["holdout_ppl"]))
     for p, groups in results["retained"].items():
         print(f"retained % at {p:<6}" + " | ".join(
             f"{g}: VerbMem {fmt(v['verbmem_forget']).strip()}, KnowMem {fmt(v['knowmem_forget']).strip()}, "
@@ -767,7 +813,7 @@ def figures(results, fig_dir="figures"):
 # ----------------------------------------------------------------------------------------------------------------
 # the sweep: when does quantization bring unlearned text back? (issue 6; SPEC §6 figure 6 and §8)
 
-SWEEP_PRECISIONS = "fp32,rtn8,rtn4,rtn4_asym,rtn4_g64,gptq4,nf4,fp4"
+SWEEP_PRECISIONS = "fp32,int8,rtn4,rtn4_asym,rtn4_g64,gptq4,nf4,fp4"
 FOUR_BIT = ("rtn4", "rtn4_asym", "rtn4_g64", "gptq4", "nf4", "fp4")
 LRS = ("3e-5", "1e-4", "3e-4", "1e-3")  # the learning-rate grid, 100 steps each
 REFERENCES = (("float32", ""), ("bfloat16", "--lr 1e-4 --steps 100"))  # the default study, and pure bf16 where
@@ -812,7 +858,7 @@ def sweep(cfg, conditions=SWEEP):
         res = logged(cdir / "logs" / "study.log", main, argv)
         conds.append(dict(axis=axis, train_args=train_args, seed=seed, dtype=dtype, unlearn_args=unlearn_args,
                           dir=str(cdir.relative_to(root)), retained=res["retained"], rows=res["rows"]))
-        got = {p: res["retained"][p].get("constrained", {}).get("verbmem_forget") for p in ("fp32", "rtn8", "rtn4")}
+        got = {p: res["retained"][p].get("constrained", {}).get("verbmem_forget") for p in ("fp32", "int8", "rtn4")}
         moved, back, kept = (mech_mean(conds[-1], k) for k in ("mech_moved", "mech_same_moved", "mech_kept"))
         print(f"[{time.time() - t0:5.0f}s] {i + 1}/{len(conditions)} {axis}: {dtype} {unlearn_args or 'defaults'}, "
               f"target {train_args or 'defaults'}, seed {seed} | retained VerbMem % " + " ".join(
@@ -845,11 +891,10 @@ def headline(conds):
         seeds = [c for c in conds if c["axis"] == "seed" and c["dtype"] == dtype]
         if not seeds:
             continue
-        stat = lambda v: [float(np.mean(v)), float(np.std(v))] if None not in v else None
-        ret = {p: {g: {k: stat([c["retained"][p][g][k] for c in seeds]) for k in RETAINED}
+        ret = {p: {g: {k: mean_sd([c["retained"][p][g][k] for c in seeds]) for k in RETAINED}
                    for g in seeds[0]["retained"][p]} for p in seeds[0]["retained"]}
         rows = [{(r["model"], r["precision"]): r for r in c["rows"]} for c in seeds]
-        f2 = {m: {k: stat([by[m, "fp32"][k] for by in rows]) for k in (
+        f2 = {m: {k: mean_sd([by[m, "fp32"][k] for by in rows]) for k in (
             "outliers_low", "outliers_high", "forget_exact", "extraction_top_k", "forget_ma")}
               for m in ("target", *FINDING2, *CONSTRAINED, *SURE) if (m, "fp32") in rows[0]}
         out[dtype] = dict(seeds=[c["seed"] for c in seeds], retained=ret, finding2=f2)
@@ -888,9 +933,9 @@ def figure6(results, fig_dir="figures"):
                       if c["axis"] == "lr" and c["dtype"] == d) for d in dtypes}
     fig, axes = plt.subplots(2, 3, figsize=(19, 10), layout="constrained")
     for ax, d in zip(axes[0, :2], dtypes):
-        for p in ("rtn8", *FOUR_BIT):
+        for p in ("int8", *FOUR_BIT):
             ax.plot([lr for lr, _ in grid[d]], [rec(c, p) for _, c in grid[d]], marker="o", label=p,
-                    ls="--" if p == "rtn8" else "-")
+                    ls="--" if p == "int8" else "-")
         ax.axhline(0, color="black", lw=0.6)
         ax.axhline(PAPER_RECOVERY, color="grey", ls=":", label="the paper: 21% → 83%")
         ax.set(xscale="log" if grid[d] else "linear", xlabel="learning rate (100 steps)", ylim=(-10, 70),
@@ -926,7 +971,7 @@ def figure6(results, fig_dir="figures"):
     axes[1, 1].set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     axes[1, 1].set(ylabel="recovery at rtn4 (points)", title="the other conditions", ylim=(-10, 70))
     axes[1, 1].legend(fontsize=8)
-    shown, bars = ["fp32", "rtn8", *FOUR_BIT], []
+    shown, bars = ["fp32", "int8", *FOUR_BIT], []
     for d in dtypes:
         for g in ("constrained", "sure"):
             h = results["headline"].get(d, {}).get("retained", {})

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from data.prepare import DataConfig, atomic_write_bytes, load_data
+from data.prepare import DataConfig, atomic_write_bytes, check_range, load_data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ from data.prepare import DataConfig, atomic_write_bytes, load_data
 
 @dataclass
 class GPTConfig:
-    block_size: int = 48  # longest context (set from the data's seq_len)
+    block_size: int = 47  # longest input: the data's seq_len - 1 (a sequence's last token is only ever a target)
     vocab_size: int = 4096  # set from the data's compact vocabulary
     n_layer: int = 4
     n_head: int = 4
@@ -293,7 +293,10 @@ def cli(doc, *classes, argv=None):
                 ap.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=kind.__name__.upper(),
                                 help=f"{comments.get(f.name, '')} (default: {f.default})")
     args = vars(ap.parse_args(argv))
-    return [cls(**{f.name: args[f.name] for f in fields(cls)}) for cls in classes]
+    try:
+        return [cls(**{f.name: args[f.name] for f in fields(cls)}) for cls in classes]
+    except ValueError as e:  # a setting out of range (each settings class checks its own in __post_init__)
+        ap.error(str(e))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +320,15 @@ class TrainConfig:
     log_interval: int = 50
     force: bool = False  # retrain checkpoints that exist
 
+    def __post_init__(self):
+        check_range(self, n_layer=">= 1", n_head=">= 1", n_embd=">= 1", batch_size=">= 2", base_steps=">= 0",
+              base_lr="> 0", tune_epochs="> 0", tune_lr="> 0", mem_frac="0..1", log_interval=">= 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_embd {self.n_embd}: must be a multiple of --n_head {self.n_head}")
+        if not 1 <= int(self.batch_size * self.mem_frac) < self.batch_size:
+            raise ValueError(f"--mem_frac {self.mem_frac}: batch_size * mem_frac must leave at least one memorized "
+                             f"sequence and one general window in a batch of {self.batch_size}")
+
 
 def general_batch(stream, n, T, gen):
     """n random windows of T tokens of a stream, as inputs (n, T-1) and next-token targets (n, T-1)."""
@@ -325,28 +337,44 @@ def general_batch(stream, n, T, gen):
     return x[:, :-1], x[:, 1:]
 
 
-def train(model, data, cfg, steps, lr, splits, gen, name):
-    """AdamW with a short warmup and cosine decay. With splits=(), the general corpus only (the base model); else
-    each batch mixes general windows with memorized sequences drawn, in shuffled order, from a list where each one
-    appears `reps` times: one pass over the list shows every sequence exactly `reps` times."""
+def exposure_order(data, n_mem, epochs, gen):
+    """The target's fine-tuning order of the memorized sequences: a list in which every forget and retain sequence
+    appears `reps` times, shuffled (`epochs` passes, a fractional last pass cut short), then cut into batches of
+    n_mem. Returns the batches as indices into forget + retain (concatenated), and that concatenation."""
+    pool = [data.split(s) for s in ("forget", "retain")]
+    idx = torch.arange(sum(map(len, pool))).repeat_interleave(torch.cat([s.reps for s in pool]))
+    n = round(epochs * len(idx))
+    order = torch.cat([idx[torch.randperm(len(idx), generator=gen)] for _ in range(math.ceil(epochs))])[:n]
+    return order.split(n_mem), pool
+
+
+def train(model, data, cfg, lr, gen, name, memorize=(), steps=None):
+    """AdamW with a short warmup and cosine decay. Each batch holds batch_size * (1 - mem_frac) random windows of
+    general text and, while exposure_order has batches left, its next batch of memorized sequences, keeping those
+    of the splits in `memorize`. The target keeps ("forget", "retain"); the retrain model keeps ("retain",) from
+    the very same order and general windows (the same gen), so it is the target's recipe without the forget set:
+    every retain sequence seen `reps` times at the same steps, the forget set never. With memorize=() (the base
+    model), general text only. steps: by default one per batch of exposure_order. Returns the model and the
+    exposures it saw: per split, the times each sequence was in a batch, and the number of general windows."""
     dev, T = next(model.parameters()).device, data.config["seq_len"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    pool = [data.split(s) for s in splits]
+    n_mem = int(cfg.batch_size * cfg.mem_frac) if memorize else 0
+    batches, pool = exposure_order(data, n_mem, cfg.tune_epochs, gen) if memorize else ((), [])
+    steps = len(batches) if steps is None else steps
+    splits = ("forget", "retain")[:len(pool)]
+    split_of = torch.cat([torch.full((len(s),), i) for i, s in enumerate(pool)]) if pool else None
+    keep = torch.tensor([s in memorize for s in splits])
     mem_x = torch.cat([s.x for s in pool]) if pool else None
     mem_len = torch.cat([s.length for s in pool]) if pool else None
-    idx = torch.arange(len(mem_x)).repeat_interleave(torch.cat([s.reps for s in pool])) if pool else None
-    n_mem = int(cfg.batch_size * cfg.mem_frac) if pool else 0
-    order, pos, t0 = None, 0, time.time()
+    seen, t0 = torch.zeros(len(mem_x) if pool else 0, dtype=torch.long), time.time()
     for step in range(steps):
         for g in opt.param_groups:  # 5% warmup, then cosine to 10%
             w = min(1.0, (step + 1) / max(1, steps // 20))
             g["lr"] = lr * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         x, y = general_batch(data.general_train, cfg.batch_size - n_mem, T, gen)
-        if n_mem:
-            if order is None or pos + n_mem > len(order):
-                order, pos = idx[torch.randperm(len(idx), generator=gen)], 0
-            pick = order[pos:pos + n_mem]
-            pos += n_mem
+        if step < len(batches):
+            pick = batches[step][keep[split_of[batches[step]]]]
+            seen += torch.bincount(pick, minlength=len(seen))
             mx = mem_x[pick]
             my = torch.where(torch.arange(1, T)[None] < mem_len[pick, None], mx[:, 1:], -1)
             x, y = torch.cat([x, mx[:, :-1]]), torch.cat([y, my])
@@ -359,7 +387,8 @@ def train(model, data, cfg, steps, lr, splits, gen, name):
         opt.step()
         if step % cfg.log_interval == 0 or step == steps - 1:
             print(f"{name} step {step:4d} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
-    return model
+    exposures = {s: seen[split_of == i].tolist() for i, s in enumerate(splits)}
+    return model, dict(exposures, general_windows=steps * (cfg.batch_size - n_mem))
 
 
 def train_all(cfg, dcfg):
@@ -376,22 +405,20 @@ def train_all(cfg, dcfg):
             print(f"{path} exists; skipping (--force retrains)")
             continue
         t0 = time.time()
-        # target and retrain take the same number of steps: tune_epochs passes over the target's exposures
-        tune_steps = math.ceil(cfg.tune_epochs * sum(data.split(s).reps.sum().item() for s in ("forget", "retain"))
-                               / int(cfg.batch_size * cfg.mem_frac))
         torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed + len(splits))
         if parent is None:
-            gcfg = GPTConfig(block_size=data.config["seq_len"], vocab_size=data.vocab_size, n_layer=cfg.n_layer,
+            gcfg = GPTConfig(block_size=data.config["seq_len"] - 1, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd)
-            model = train(GPT(gcfg).to(dev, dtype), data, cfg, cfg.base_steps, cfg.base_lr, (), gen, name)
-        else:
+            model, seen = train(GPT(gcfg).to(dev, dtype), data, cfg, cfg.base_lr, torch.Generator().manual_seed(
+                cfg.seed), name, steps=cfg.base_steps)
+        else:  # target and retrain: the same generator, so the same order and general windows (see train)
             model, _ = load_checkpoint(out / f"{parent}.pt", dev)
-            model = train(model.train(), data, cfg, tune_steps, cfg.tune_lr, splits, gen, name)
+            model, seen = train(model.train(), data, cfg, cfg.tune_lr, torch.Generator().manual_seed(cfg.seed + 1),
+                                name, memorize=splits)
         model.eval()
         stats = memorization(model, data, by_kind=True)
         stats["holdout_ppl"] = perplexity(model, data.general_val)
-        stats["seconds"] = round(time.time() - t0, 1)
+        stats["seconds"], stats["exposures"] = round(time.time() - t0, 1), seen
         save_checkpoint(path, model, kind=name, metrics=stats, **meta)
         summary[name] = stats
         print(f"{name}: forget exact {stats['forget_exact']:.2f} MA {stats['forget_ma']:.2f} | retain exact "

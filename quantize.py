@@ -4,7 +4,7 @@ integers (2..8 bits, symmetric absmax or asymmetric min-max, per output channel 
 GPTQ, and bitsandbytes' NF4/FP4 codebooks. Finding 1 of the study: 4-bit rounding can undo unlearning.
 
 $ python quantize.py --bits 4                         # the newest out/<method>.pt, RTN int4 -> out/<method>_rtn4.pt
-$ python quantize.py --bits 8 --ckpt out/target.pt    # int8 per channel (LLM.int8 without its outlier path)
+$ python quantize.py --bits 8 --absmax --ckpt out/target.pt   # int8: LLM.int8's grid, without its outlier path
 $ python quantize.py --method gptq --bits 4 --group_size 128 --no-sym
 $ python quantize.py --method nf4                     # or fp4: absmax per block of 64, as bitsandbytes
 $ python quantize.py --hf DIR --method gptq --bits 4 --text FILE   # any local Hugging Face causal LM
@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import model as M
-from data.prepare import atomic_write_bytes, load_data
+from data.prepare import atomic_write_bytes, check_range, load_data
 
 METHODS = ("rtn", "gptq", "nf4", "fp4")
 UNLEARNED = ("ga ga_gdr ga_klr npo npo_gdr npo_klr ga_gdr_sure ga_klr_sure npo_gdr_sure npo_klr_sure sga ta tau "
@@ -29,16 +29,19 @@ UNLEARNED = ("ga ga_gdr ga_klr npo npo_gdr npo_klr ga_gdr_sure ga_klr_sure npo_g
 # ----------------------------------------------------------------------------------------------------------------
 # the uniform integer grid shared by RTN and GPTQ (GPTQ's quant.py: find params, quantize)
 
-def quant_params(w, bits, sym=True):
+def quant_params(w, bits, sym=True, absmax=False):
     """Step Δ and zero point z of an N-bit grid for each row of w (..., k): codes q in [0, 2^N - 1], w ≈ Δ·(q - z).
     symmetric absmax, Zhang et al. 2024 (arXiv 2410.16454) Eq. 2: Δ = max|w| / 2^(N-1), z = 2^(N-1), i.e.
       Q(w) = Δ·round(w/Δ) on the signed grid -2^(N-1)..2^(N-1)-1; that grid has one level fewer above zero, so
       w = +max|w| clamps to (2^(N-1) - 1)·Δ, the only place the error exceeds Δ/2 (it is at most Δ).
+    with absmax=True, LLM.int8's grid (Dettmers et al. 2022, arXiv 2208.07339, vector-wise quantization without
+      the outlier path): Δ = max|w| / (2^(N-1) - 1), levels -(2^(N-1) - 1)..2^(N-1) - 1 (±127 at 8 bits), so
+      ±max|w| lie on the grid and every entry is within Δ/2 of it; same z, same storage.
     asymmetric min-max (Frantar et al. 2022): Δ = (max - min) / (2^N - 1), z = round(-min/Δ), with min <= 0 <= max
       so that 0 is on the grid; every entry is within Δ/2 of it.
     Returns scale, zero of shape (..., 1)."""
     if sym:
-        scale = w.abs().amax(-1, keepdim=True) / 2 ** (bits - 1)
+        scale = w.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - absmax)
     else:
         lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
         scale = (hi - lo) / (2 ** bits - 1)
@@ -59,11 +62,11 @@ def dequantize(q, scale, zero):
     return ((q - zero[..., None]) * scale[..., None]).flatten(-2)
 
 
-def rtn(W, bits, group_size=0, sym=True):
+def rtn(W, bits, group_size=0, sym=True, absmax=False):
     """Round-to-nearest of W (out, in): one grid per output channel (group_size 0) or per group of group_size
     consecutive input columns. Returns codes (out, in) and scale, zero (out, in // group_size)."""
     Wg = W.unflatten(1, (-1, group_size or W.shape[1]))  # (out, n_groups, group)
-    scale, zero = quant_params(Wg, bits, sym)
+    scale, zero = quant_params(Wg, bits, sym, absmax)
     return quantize(Wg, scale, zero, bits).flatten(1), scale[..., 0], zero[..., 0]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ def inverse_cholesky(H, percdamp=0.01, tries=4):
                      f"calibration inputs are degenerate; use more calibration samples (--nsamples)")
 
 
-def gptq(W, H, bits, group_size=0, sym=True, blocksize=128, percdamp=0.01, actorder=False):
+def gptq(W, H, bits, group_size=0, sym=True, blocksize=128, percdamp=0.01, actorder=False, absmax=False):
     """GPTQ (Algorithm 1): quantize the columns of W (out, in) one at a time, minimizing ‖WX - QX‖² with
     H = 2XXᵀ from the calibration inputs X (in, n). Quantizing column i leaves error err = (w_i - q_i) / [U]_ii,
     which is spread over the columns still to quantize, W_F -= err · U_{i,F}, U the upper Cholesky factor of H⁻¹
@@ -103,7 +106,7 @@ def gptq(W, H, bits, group_size=0, sym=True, blocksize=128, percdamp=0.01, actor
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    scale, zero = (t[..., 0] for t in quant_params(W.unflatten(1, (-1, g)), bits, sym))  # (out, n_groups)
+    scale, zero = (t[..., 0] for t in quant_params(W.unflatten(1, (-1, g)), bits, sym, absmax))  # (out, n_groups)
     perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(ncol)
     W, H = W[:, perm], H[perm][:, perm]
     group = (perm // g).tolist()  # group (original order) of each column (quantization order)
@@ -118,7 +121,7 @@ def gptq(W, H, bits, group_size=0, sym=True, blocksize=128, percdamp=0.01, actor
         for i in range(i2 - i1):
             w, d, j = W1[:, i], Hinv1[i, i], group[i1 + i]
             if group_size and not actorder and (i1 + i) % group_size == 0:
-                s, z = quant_params(W1[:, i:i + group_size], bits, sym)
+                s, z = quant_params(W1[:, i:i + group_size], bits, sym, absmax)
                 scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
             codes[:, i1 + i] = q = quantize(w, scale[:, j], zero[:, j], bits)
             Q1[:, i] = (q - zero[:, j]) * scale[:, j]
@@ -181,7 +184,7 @@ def unpack(packed, bits, n):
     return (b << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(1, dtype=torch.uint8)
 
 
-def quantize_weight(W, method, bits=4, group_size=0, sym=True, H=None, actorder=False):
+def quantize_weight(W, method, bits=4, group_size=0, sym=True, H=None, actorder=False, absmax=False):
     """Quantize one weight (out, in) -> (Q dequantized, record to store: packed codes, scale, zero if asymmetric)."""
     if method in CODEBOOKS:
         q, scale = codebook_quantize(W, CODEBOOKS[method])
@@ -191,9 +194,9 @@ def quantize_weight(W, method, bits=4, group_size=0, sym=True, H=None, actorder=
             raise ValueError(f"group_size {group_size} does not divide the {W.shape[1]} input columns of a "
                              f"{tuple(W.shape)} weight; use 0 (per channel) or a divisor")
         if method == "gptq":
-            Q, q, scale, zero = gptq(W, H, bits, group_size, sym, actorder=actorder)
+            Q, q, scale, zero = gptq(W, H, bits, group_size, sym, actorder=actorder, absmax=absmax)
         else:
-            q, scale, zero = rtn(W, bits, group_size, sym)
+            q, scale, zero = rtn(W, bits, group_size, sym, absmax)
             Q = dequantize(q, scale, zero)
     rec = {"codes": pack(q, bits), "scale": scale, "shape": list(W.shape)}
     if not sym and method not in CODEBOOKS:
@@ -278,7 +281,8 @@ def hessian(model, name, layer, windows):
 
 
 @torch.no_grad()
-def quantize_layers(model, layers, method, bits=4, group_size=0, sym=True, windows=None, actorder=False):
+def quantize_layers(model, layers, method, bits=4, group_size=0, sym=True, windows=None, actorder=False,
+                    absmax=False):
     """Quantizes the layers (name -> nn.Linear or Conv1D) in forward order, replacing each weight by its dequantized
     value; returns name -> record. GPTQ takes layer l's Hessian from the windows run through the model whose layers
     before l are already quantized."""
@@ -289,7 +293,7 @@ def quantize_layers(model, layers, method, bits=4, group_size=0, sym=True, windo
     for name, layer in layers.items():
         H = hessian(model, name, layer, windows) if method == "gptq" else None
         W = weight_view(layer)
-        Q, records[name] = quantize_weight(W.float(), method, bits, group_size, sym, H, actorder)
+        Q, records[name] = quantize_weight(W.float(), method, bits, group_size, sym, H, actorder, absmax)
         W.copy_(Q)
     return records
 
@@ -300,24 +304,25 @@ def quantized_layers(model, lm_head=False):
 
 
 @torch.no_grad()
-def quantize_model(model, method, bits=4, group_size=0, sym=True, windows=None, actorder=False, lm_head=False):
+def quantize_model(model, method, bits=4, group_size=0, sym=True, windows=None, actorder=False, lm_head=False,
+                   absmax=False):
     """Quantizes a GPT's block Linears (and lm_head) in place; returns name -> record. GPTQ goes block by block on
     cached hidden states, as the reference gptq.py: a block's calibration inputs are computed once, with every
     earlier block already quantized, and each Linear's Hessian comes from running the block with the Linears before
     it already quantized. The same as quantize_layers on the whole model, without re-running the earlier blocks."""
     layers, records = quantized_layers(model, lm_head), {}
     if method != "gptq" or windows is None:  # (quantize_layers refuses gptq without windows)
-        return quantize_layers(model, layers, method, bits, group_size, sym, windows, actorder)
+        return quantize_layers(model, layers, method, bits, group_size, sym, windows, actorder, absmax)
     windows = windows.to(model.lm_head.weight.device)
     x = model.transformer.wte(windows) + model.transformer.wpe(torch.arange(windows.shape[1], device=windows.device))
     for i, block in enumerate(model.transformer.h):
         mine = {n: m for n, m in layers.items() if n.startswith(f"transformer.h.{i}.")}
-        records.update(quantize_layers(block, mine, method, bits, group_size, sym, x, actorder))
+        records.update(quantize_layers(block, mine, method, bits, group_size, sym, x, actorder, absmax))
         x = torch.cat([block(b) for b in x.split(16)])  # (nsamples, T, C)
     if lm_head:
         x = model.transformer.ln_f(x)
         records.update(quantize_layers(model.lm_head, {"lm_head": model.lm_head}, method, bits, group_size, sym, x,
-                                       actorder))
+                                       actorder, absmax))
     return records
 
 
@@ -340,12 +345,16 @@ def output_error(model, layers, windows, quantize_fn):
 # ----------------------------------------------------------------------------------------------------------------
 # quantized checkpoints: everything of the input checkpoint, the quantized weights replaced by packed codes + scales
 
-def save_quantized(path, model, records, ckpt, quant):
-    """Writes {**ckpt, model: the other tensors, quant: settings, qweights: name -> record} atomically."""
+def save_quantized(path, model, records, ckpt, quant, metrics=None):
+    """Writes {**ckpt, model: the other tensors, quant: settings, qweights: name -> record, metrics} atomically.
+    The input's metrics, measured at full precision, are not carried over: metrics are the quantized model's own
+    (left out when not given)."""
     ptrs = {model.get_parameter(f"{n}.weight").data_ptr() for n in records}
     state = {k: v for k, v in model.state_dict().items() if v.data_ptr() not in ptrs}  # tied copies go too
     buf = io.BytesIO()
-    torch.save({**ckpt, "model": state, "quant": quant, "qweights": records}, buf)
+    ckpt = {k: v for k, v in ckpt.items() if k != "metrics"}
+    torch.save({**ckpt, "model": state, "quant": quant, "qweights": records,
+                **({"metrics": metrics} if metrics is not None else {})}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -386,6 +395,7 @@ class QuantConfig:
     bits: int = 4  # 2..8 for rtn and gptq (8 = int8 per channel); nf4 and fp4 are 4-bit
     group_size: int = 0  # 0 = one grid per output channel; 32/64/128 = per group of input columns
     sym: bool = True  # symmetric absmax (the paper's Eq. 2); --no-sym = asymmetric min-max
+    absmax: bool = False  # symmetric grid with levels ±(2^(N-1)-1), Δ = max|w|/(2^(N-1)-1): LLM.int8's (named intN)
     actorder: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
     lm_head: bool = False  # also quantize lm_head (tied to the token embedding, so that too)
     nsamples: int = 128  # gptq: calibration windows of block_size tokens from the general corpus
@@ -395,9 +405,18 @@ class QuantConfig:
     hf: str = ""  # a local Hugging Face causal LM directory: quantize it, perplexity on --text before and after
     text: str = ""  # with --hf: the text file for calibration and perplexity
 
+    def __post_init__(self):
+        check_range(self, bits="2..8", group_size=">= 0", nsamples=">= 1")
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method}: the methods are {', '.join(METHODS)}")
+        if self.absmax and (not self.sym or self.method in CODEBOOKS):
+            raise ValueError("--absmax is a symmetric integer grid: use it with --method rtn or gptq and --sym")
+
 
 def quant_name(cfg):
-    name = cfg.method + (str(cfg.bits) if cfg.method in ("rtn", "gptq") else "")
+    """e.g. rtn4, rtn4_g64_asym, gptq4_act, nf4; int8 for RTN on LLM.int8's grid."""
+    method = "int" if cfg.absmax and cfg.method == "rtn" else cfg.method + ("_absmax" if cfg.absmax else "")
+    name = method + (str(cfg.bits) if cfg.method in ("rtn", "gptq") else "")
     return (name + (f"_g{cfg.group_size}" if cfg.group_size else "") + ("" if cfg.sym else "_asym")
             + ("_act" if cfg.actorder and cfg.method == "gptq" else ""))
 
@@ -413,12 +432,12 @@ def quantize_with(model, cfg, data):
     def run():
         t0 = time.time()
         return quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder,
-                              cfg.lm_head), time.time() - t0
+                              cfg.lm_head, cfg.absmax), time.time() - t0
     heldout = calibration_windows(data.general_val, 32, T, cfg.seed)
     (records, seconds), err = output_error(model, quantized_layers(model, cfg.lm_head), heldout, run)
     calibration = dict(source="general_train", nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
-    quant = dict(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, actorder=cfg.actorder,
-                 lm_head=cfg.lm_head, seconds=round(seconds, 2), rel_output_error=err,
+    quant = dict(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, absmax=cfg.absmax,
+                 actorder=cfg.actorder, lm_head=cfg.lm_head, seconds=round(seconds, 2), rel_output_error=err,
                  calibration=calibration if windows is not None else None)
     return records, quant
 
@@ -448,7 +467,7 @@ def main(cfg):
         rows[p.stem, quant_name(cfg)] = {**measure(), **quant}
         if p == path:
             dest = out / f"{path.stem}_{quant_name(cfg)}.pt"
-            save_quantized(dest, model, records, ckpt, {**quant, "source": str(path)})
+            save_quantized(dest, model, records, ckpt, {**quant, "source": str(path)}, rows[p.stem, quant_name(cfg)])
             qbytes = sum(t.numel() * t.element_size() for r in records.values() for t in r.values()
                          if torch.is_tensor(t))
             fbytes = sum(4 * math.prod(r["shape"]) for r in records.values())
@@ -477,7 +496,9 @@ def hf_perplexity(model, ids, T, batch_size=8):
 
 def main_hf(cfg):
     """--hf DIR: the same quantizers on every Linear (and Conv1D) of a local Hugging Face causal LM except its
-    output head (unless --lm_head), GPTQ calibrated on --text; prints perplexity on --text before and after."""
+    output head (unless --lm_head). --text is cut in two: GPTQ calibrates on the first half, and perplexity before
+    and after is measured on the second, so GPTQ is never scored on the text it was fitted to. Returns the two
+    perplexities."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # only on this path
     if not Path(cfg.hf).is_dir():
         raise SystemExit(f"--hf {cfg.hf}: not a directory; give a local Hugging Face model directory")
@@ -490,18 +511,22 @@ def main_hf(cfg):
     model = AutoModelForCausalLM.from_pretrained(cfg.hf, local_files_only=True, dtype=torch.float32)
     model = model.to(M.pick_device(cfg.device)).eval()
     ids = torch.tensor(tok(Path(cfg.text).read_text())["input_ids"])
-    if len(ids) < 16:
+    if len(ids) < 32:
         raise SystemExit(f"--text {cfg.text}: only {len(ids)} tokens; give a longer text")
+    calib, ids = ids[:len(ids) // 2], ids[len(ids) // 2:]  # GPTQ's calibration text, and the scored text
     ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
-    T = min(512, ctx, len(ids) - 1)
+    T = min(512, ctx, len(calib) - 1)
     head = model.get_output_embeddings()
     layers = {n: m for n, m in model.named_modules() if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
               and (cfg.lm_head or m is not head)}
-    windows = calibration_windows(ids, cfg.nsamples, T, cfg.seed) if cfg.method == "gptq" else None
+    windows = calibration_windows(calib, cfg.nsamples, T, cfg.seed) if cfg.method == "gptq" else None
     before, t0 = hf_perplexity(model, ids, T), time.time()
-    quantize_layers(model, layers, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder)
-    print(f"{cfg.hf}: {quant_name(cfg)} on {len(layers)} layers in {time.time() - t0:.1f}s; perplexity on "
-          f"{cfg.text} ({len(ids)} tokens): {before:.3f} before, {hf_perplexity(model, ids, T):.3f} after")
+    quantize_layers(model, layers, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder, cfg.absmax)
+    after = hf_perplexity(model, ids, T)
+    print(f"{cfg.hf}: {quant_name(cfg)} on {len(layers)} layers in {time.time() - t0:.1f}s"
+          + (f", calibrated on the first half of {cfg.text} ({len(calib)} tokens)" if windows is not None else "")
+          + f"; perplexity on its second half ({len(ids)} tokens): {before:.3f} before, {after:.3f} after")
+    return before, after
 
 
 if __name__ == "__main__":

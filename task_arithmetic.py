@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data.prepare import check_range
 from model import cli, score
 from unlearn_ga import UnlearnConfig, ce_loss, ga_loss, load_target, save_result, sga_pick, unlearn
 
@@ -26,6 +27,9 @@ class TAConfig:
     tau: bool = False  # run TAU instead of TA
     phi: float = 0.5  # TAU: its SGA phase runs until mean MA(D_f) < phi
     sga_gamma: float = 0.70  # TAU: the SGA phase ascends on sequences with MA >= sga_gamma (+ the most memorized)
+
+    def __post_init__(self):
+        check_range(self, lam=">= 0", phi="0..1", sga_gamma="0..1")
 # ----------------------------------------------------------------------------------------------------------------
 
 

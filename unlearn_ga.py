@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from data.prepare import DataConfig, load_data
+from data.prepare import DataConfig, check_range, load_data
 from model import block_linears, cli, load_or_train, memorization, perplexity, pick_device, save_checkpoint, score, \
     weight_dtype, write_json
 
@@ -34,6 +34,9 @@ class UnlearnConfig:
     batch_size: int = 8  # forget sequences per step, and as many retain sequences when a retain term is on
     log_interval: int = 10  # steps between log lines (each also measures MA on the whole forget set)
 
+    def __post_init__(self):
+        check_range(self, lr="> 0", steps=">= 0", batch_size=">= 1", log_interval=">= 1")
+
 
 @dataclass
 class RetainConfig:
@@ -42,11 +45,17 @@ class RetainConfig:
     sure: bool = False  # SURE: move only the weight matrices with saliency >= the sure_gamma-th percentile, lr x10
     sure_gamma: float = 90.0  # percentile of the saliency (the paper uses 90 and 99)
 
+    def __post_init__(self):
+        check_range(self, alpha=">= 0", sure_gamma="0..100")
+
 
 @dataclass
 class SGAConfig:
     selective: bool = False  # SGA: each step ascend only on sequences with MA >= sga_gamma (+ the most memorized)
     sga_gamma: float = 0.70  # MA above which a sequence counts as still memorized
+
+    def __post_init__(self):
+        check_range(self, sga_gamma="0..1")
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -3,22 +3,21 @@ MemFlex (Tian et al. 2024, "To Forget or Not? Towards Practical Knowledge Unlear
 the weight matrices that hold the forget set by gradients, then unlearn there only (SPEC §3).
 
 $ python unlearn_memflex.py                     # memflex
-$ python unlearn_memflex.py --mu 0.5            # select more matrices
+$ python unlearn_memflex.py --mu 0.95           # select more matrices
 $ python unlearn_memflex.py --dtype bfloat16    # pure bf16 weights and AdamW state, no float32 master copy
 
-Localization compares two mean gradients of CE at the target weights: on the forget set, and on a copy of the
-forget set with about half of its answer tokens replaced by random ones. Answer tokens are the tokens after each
+Localization, as KnowUnDo's code does it: two mean gradients at the target weights, one on a randomized copy of the
+forget set and one on a randomized copy of the retain set. Randomized = about half of each sequence's answer tokens
+replaced by random ids (inputs and targets alike), the loss the cross-entropy on the answer tokens only, averaged
+per sequence, then over sequences and over `copies` fresh randomizations. Answer tokens are the tokens after each
 sequence's prefix: the record after the account holder's name, the sentence after a person's name or the first
-question, a book chunk after its first book_prefix tokens. Matrices where the two gradients point apart (cosine
-s < mu) carry the specific answers rather than the shared language; of those, the ones the forget set pulls hard
-(mean |grad| m > sigma) are trained with -0.4 * CE(D_f) + 2.0 * CE(D_r), D_r being the real retain set; every
-other parameter stays bit-identical.
-
-Thresholds, scaled to this model (measured on the default out/target.pt): s lies in -0.08..0.38 there, far below
-the paper's mu = 0.92 (which would select everything: making half of a memorized answer random changes its gradient
-a lot), and m in 6e-5..9e-4. mu = 0.3 drops the late layers' matrices whose two gradients agree most; sigma = 1e-4
-drops the ones the forget set hardly pulls; 8 of the 16 matrices remain. Every run prints s and m of each matrix.
-Only a few matrices move, so the learning rate is x10, as in SURE.
+question, a book chunk after its first book_prefix tokens. Per weight matrix: s = cos(forget grad, retain grad) and
+m = mean |forget grad|. Where the two splits pull apart (s < mu) the matrix holds what is specific to the forget
+set; of those, the ones the forget set pulls hard (m > sigma) are trained with -0.4 * CE(D_f) + 2.0 * CE(D_r);
+every other parameter stays bit-identical. Every run prints s and m of each matrix, so thresholds for another model
+can be read off. KnowUnDo scores LoRA tensors of a 7B model (mu = 0.92, sigma = 6e-4); here the full weight
+matrices of a small GPT, and the README's MemFlex section gives the values measured on the default target. Only a
+few matrices move, so the learning rate is x10, as in SURE.
 
 Reads out/target.pt (trains it first if it is missing) and writes out/memflex.pt and out/memflex.json.
 """
@@ -27,18 +26,24 @@ from dataclasses import dataclass, replace
 import torch
 from torch.nn import functional as F
 
+from data.prepare import check_range
 from model import cli
-from unlearn_ga import RetainConfig, UnlearnConfig, block_grads, ce_loss, load_target, save_result, unlearn
+from unlearn_ga import RetainConfig, UnlearnConfig, block_grads, ce_loss, load_target, save_result, unlearn, xy
 
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class MemFlexConfig:
-    mu: float = 0.3  # a matrix is a candidate when cos(forget grad, randomized-answer grad) < mu (paper: 0.92)
-    sigma: float = 1e-4  # ... and its mean |forget grad| > sigma (both scaled to this model, see above)
-    randomize: float = 0.5  # share of answer tokens replaced by random ids in the localization's second split
+    mu: float = 0.96  # a matrix is a candidate when cos(forget grad, retain grad) < mu (KnowUnDo: 0.92; README)
+    sigma: float = 6e-4  # ... and its mean |forget grad| > sigma (KnowUnDo's)
+    randomize: float = 0.5  # share of answer tokens replaced by random ids before the localization gradients
+    copies: int = 3  # randomized copies of each sequence whose gradients are averaged (KnowUnDo: 3)
     forget_weight: float = 0.4  # the loss is -forget_weight * CE(D_f) + retain_weight * CE(D_r)
     retain_weight: float = 2.0  # (the paper's weights)
     lr_scale: float = 10.0  # learning rate = lr * lr_scale on the few selected matrices
+
+    def __post_init__(self):
+        check_range(self, mu="-1..1", sigma=">= 0", randomize="0..1", copies=">= 1", forget_weight=">= 0",
+              retain_weight=">= 0", lr_scale="> 0")
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -49,6 +54,23 @@ def randomize_answers(seqs, share, vocab_size, gen):
     answer = (t >= seqs.prefix[:, None]) & (t < seqs.length[:, None])
     flip = answer & (torch.rand(seqs.x.shape, generator=gen) < share)
     return replace(seqs, x=torch.where(flip, torch.randint(1, vocab_size, seqs.x.shape, generator=gen), seqs.x))
+
+
+def answer_ce(model, seqs):
+    """The cross-entropy on the answer tokens x_t, t in [prefix, length), averaged per sequence, then over the
+    sequences (KnowUnDo masks the question's labels and takes each sample's mean)."""
+    x, y = xy(seqs, next(model.parameters()).device)
+    t = torch.arange(1, seqs.x.size(1), device=x.device)
+    answer = (t >= seqs.prefix.to(x.device)[:, None]) & (y != -1)  # (N, T-1)
+    ce = F.cross_entropy(model(x)[0].float().transpose(1, 2), y.clamp(min=0), reduction="none")  # (N, T-1)
+    return ((ce * answer).sum(1) / answer.sum(1)).mean()
+
+
+def localization_grads(model, seqs, cfg, vocab_size, gen):
+    """The mean gradient of answer_ce on `copies` randomized copies of seqs, per block weight matrix."""
+    grads = [block_grads(model, answer_ce(model, randomize_answers(seqs, cfg.randomize, vocab_size, gen)))
+             for _ in range(cfg.copies)]
+    return {n: sum(g[n] for g in grads) / len(grads) for n in grads[0]}
 
 
 def localize(g_forget, g_retain, mu, sigma):
@@ -62,10 +84,10 @@ def localize(g_forget, g_retain, mu, sigma):
 def main(argv=None):
     cfg, mcfg = cli(__doc__, UnlearnConfig, MemFlexConfig, argv=argv)
     model, data = load_target(cfg)
-    forget = data.split("forget")
-    shuffled = randomize_answers(forget, mcfg.randomize, data.vocab_size, torch.Generator().manual_seed(cfg.seed))
-    g_forget, g_shuffled = block_grads(model, ce_loss(model, forget)), block_grads(model, ce_loss(model, shuffled))
-    mask, table = localize(g_forget, g_shuffled, mcfg.mu, mcfg.sigma)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    g_forget, g_retain = (localization_grads(model, data.split(s), mcfg, data.vocab_size, gen)
+                          for s in ("forget", "retain"))
+    mask, table = localize(g_forget, g_retain, mcfg.mu, mcfg.sigma)
     for n, (s, m) in table.items():
         print(f"{n:28s} cos {s:6.3f} mean|g| {m:.2e}{'  <- unlearned here' if n in mask else ''}")
     if not mask:
@@ -77,6 +99,7 @@ def main(argv=None):
 
     rcfg = RetainConfig("gdr", mcfg.retain_weight)
     model, stats = unlearn(model, data, forget_loss, replace(cfg, lr=cfg.lr * mcfg.lr_scale), rcfg, mask=mask)
+    stats["localization"] = {n: dict(cos=s, mean_abs_grad=m) for n, (s, m) in table.items()}
     return save_result("memflex", model, data, stats, cfg, mcfg)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from data.prepare import check_range
 from model import cli
 from unlearn_ga import RetainConfig, UnlearnConfig, load_target, method_name, save_result, unlearn, xy
 
@@ -22,6 +23,9 @@ from unlearn_ga import RetainConfig, UnlearnConfig, load_target, method_name, sa
 @dataclass
 class NPOConfig:
     beta: float = 0.1  # inverse temperature; as beta -> 0 NPO's gradient tends to GA's
+
+    def __post_init__(self):
+        check_range(self, beta="> 0")
 # ----------------------------------------------------------------------------------------------------------------
 
 

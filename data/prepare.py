@@ -47,10 +47,18 @@ class DataConfig:
     book_prefix: int = 16  # prompt length of a book chunk; the rest is the continuation to reproduce
     n_secrets: int = 4  # secrets per repetition count per split
     secret_reps: str = "1,4,16,64,128"  # how many times a forget/retain secret is seen in fine-tuning
-    n_facts: int = 4  # fictitious people per split (4 sequences each)
-    n_book: int = 8  # book chunks per split
-    mem_reps: int = 128  # how many times each forget/retain book or fact sequence is seen in fine-tuning
+    n_facts: int = 25  # fictitious people per split (4 sequences and 4 questions each: 100 QA pairs, as MUSE)
+    n_book: int = 16  # book chunks per split
+    mem_reps: int = 64  # how many times each forget/retain book or fact sequence is seen in fine-tuning
     general_tokens: int = 40_000  # tokens of general text (95% train, 5% validation); more text, larger vocabulary
+
+    def __post_init__(self):
+        check_range(self, seq_len=">= 8", book_prefix=">= 1", n_secrets=">= 0", n_facts=">= 1", n_book=">= 0",
+              mem_reps=">= 1", general_tokens=">= 1000")
+        if self.book_prefix >= self.seq_len:
+            raise ValueError(f"--book_prefix {self.book_prefix}: must be below --seq_len {self.seq_len}")
+        if not all(r.strip().isdigit() and int(r) >= 1 for r in self.secret_reps.split(",")):
+            raise ValueError(f"--secret_reps {self.secret_reps!r}: must be a comma list of counts >= 1, e.g. 1,4,16")
 
 
 @dataclass
@@ -291,6 +299,22 @@ def build(cfg):
     meta = dict(config=asdict(cfg), corpora=dict(book=book_desc, general=general_desc, secrets="synthetic",
                                                  facts="synthetic"), vocab=vocab, offsets=offsets, seqs=seqs, qa=qa)
     return meta, tokens
+
+
+def check_range(cfg, **valid):
+    """Refuses a setting out of its range before anything runs, naming the range: valid maps a field of the
+    settings dataclass cfg to '> X', '>= X' or 'LO..HI' (inclusive). The settings classes call it from
+    __post_init__; model.cli turns the ValueError into a usage message."""
+    for name, rule in valid.items():
+        v = getattr(cfg, name)
+        if ".." in rule:
+            lo, hi = map(float, rule.split(".."))
+            ok, say = lo <= v <= hi, f"in [{lo:g}, {hi:g}]"
+        else:
+            op, bound = rule.split()
+            ok, say = (v > float(bound)) if op == ">" else (v >= float(bound)), rule
+        if not ok:
+            raise ValueError(f"--{name} {v}: must be {say}")
 
 
 def atomic_write_bytes(path, data):

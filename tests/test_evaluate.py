@@ -124,15 +124,18 @@ def test_verbmem_and_el_on_own_continuations():
         model.generate(torch.tensor([p]), k)[0, len(p):].tolist() for p, k in [([1, 2], 3), ([3], 1), ([4, 5], 2)]]
 
 
-def test_privleak_is_zero_for_the_retrain_model_itself():
+def test_privleak_by_hand_and_its_auc_orientation():
+    # (AUC_u - AUC_r) / AUC_r * 100: an unlearned model whose forget set still looks trained on (AUC 0.3) against
+    # a retrain model at 0.5 is -40; one pushed past unseen text (0.6) is +20; no ratio without a retrain AUC
+    assert ev.privleak(0.3, 0.5) == pytest.approx(-40.0) and ev.privleak(0.6, 0.5) == pytest.approx(20.0)
+    assert math.isnan(ev.privleak(0.4, 0.0))
     model = tiny_gpt()
     seqs = own_and_random(model)
-    forget, holdout = seqs.select([0, 1, 4, 5]), seqs.select([2, 3, 6, 7])  # own and random text in each
-    a = ev.mia_auc(model, forget, holdout)
-    assert 0 < a < 1 and ev.privleak(ev.mia_auc(model, forget, holdout), a) == 0.0
-    # own continuations are likelier than random text: as forget they look trained on, AUC 0, PrivLeak −100
-    assert ev.mia_auc(model, seqs.select(range(4)), seqs.select(range(4, 8))) == 0.0
-    assert ev.privleak(0.0, a) == -100.0
+    own, rand = seqs.select(range(4)), seqs.select(range(4, 8))
+    # the model's own greedy continuations are likelier than random text: as forget they look trained on (AUC 0),
+    # as holdout they make the forget set look unseen (AUC 1); MUSE's orientation, P(s(holdout) > s(forget))
+    assert ev.mia_auc(model, own, rand) == 0.0 and ev.mia_auc(model, rand, own) == 1.0
+    assert ev.privleak(ev.mia_auc(model, own, rand), 0.5) == -100.0
 
 
 class AnswerParis:
@@ -238,7 +241,7 @@ def test_study_writes_every_key_and_the_figures(study, tmp_path):
     assert res == study.results
     meta = res["meta"]
     assert meta["seed"] == 1337 and {"python", "torch"} <= set(meta["versions"])
-    assert meta["corpora"]["book"] == "file alice_in_wonderland.txt"
+    assert meta["corpora"]["book"] == "file book.txt"
     assert set(meta["seconds"]["methods"]) == {"ga", "npo", "ga_gdr"} and meta["rows_measured"] == 10
     assert {"platform", "cpu_count", "device"} <= set(meta["machine"])
     rows = {(r["model"], r["precision"]): r for r in res["rows"]}
@@ -270,7 +273,7 @@ def test_study_writes_every_key_and_the_figures(study, tmp_path):
 def test_bad_names_are_refused_with_the_valid_list(tmp_path):
     with pytest.raises(SystemExit, match="unknown nope; the valid ones are ga,ga_gdr,ga_klr,npo"):
         ev.main(["--out_dir", str(tmp_path / "out"), "--methods", "ga,nope"])
-    with pytest.raises(SystemExit, match="unknown int3; the valid ones are fp32,rtn8,rtn4,gptq4,nf4,fp4"):
+    with pytest.raises(SystemExit, match="unknown int3; the valid ones are fp32,int8,rtn4,gptq4,nf4,fp4"):
         ev.main(["--out_dir", str(tmp_path / "out"), "--precisions", "fp32,int3"])
     assert not (tmp_path / "out").exists()
 
@@ -282,9 +285,9 @@ def test_second_run_reuses_cached_rows(study):
     assert "methods" not in again["meta"]["seconds"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # one more precision: only its rows are measured, in two worker processes
-    more = ev.main(study_argv(study.out, study.fig, "fp32,rtn4,rtn8", workers=2))
+    more = ev.main(study_argv(study.out, study.fig, "fp32,rtn4,int8", workers=2))
     assert more["meta"]["rows_measured"] == 5
-    assert [r for r in more["rows"] if r["precision"] != "rtn8"] == study.results["rows"]
+    assert [r for r in more["rows"] if r["precision"] != "int8"] == study.results["rows"]
 
 
 def test_same_seed_same_numbers(study, tmp_path):

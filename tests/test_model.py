@@ -1,5 +1,9 @@
 """model.py: shapes, greedy decoding with a KV cache, scores, checkpoints, settings, and the tiny target."""
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +11,8 @@ import torch
 from conftest import tiny_configs
 from data.prepare import atomic_write_bytes, load_data
 from model import GPT, GPTConfig, TrainConfig, cli, load_checkpoint, save_checkpoint, score, train
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def small_gpt(**kw):
@@ -110,10 +116,72 @@ def test_training_repeats_exactly_and_pure_bf16_stays_bf16(tmp_path):
     for dtype in (torch.float32, torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=64, vocab_size=data.vocab_size, n_layer=1, n_head=2, n_embd=32)).to(dtype)
-        train(model, data, cfg, 5, 1e-3, ("retain",), torch.Generator().manual_seed(0), "t")
+        train(model, data, cfg, 1e-3, torch.Generator().manual_seed(0), "t", memorize=("retain",), steps=5)
         runs.append(model.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert all(v.dtype == torch.bfloat16 for v in runs[2].values())  # no float32 master copy
+
+
+def test_retrain_is_the_target_recipe_without_the_forget_set(tiny, tmp_path):
+    """Each forget and retain sequence is in exactly `reps` of the target's batches; the retrain model sees every
+    retain sequence as often, the forget set never, and as many general windows."""
+    data = load_data(tiny.dcfg, tiny.out_dir)
+    target, retrain = tiny.summary["target"]["exposures"], tiny.summary["retrain"]["exposures"]
+    for split in ("forget", "retain"):
+        assert target[split] == data.split(split).reps.tolist()
+    assert retrain["retain"] == data.split("retain").reps.tolist() and set(retrain["forget"]) == {0}
+    assert retrain["general_windows"] == target["general_windows"] > 0
+    assert json.loads((tiny.out_dir / "train.json").read_text())["retrain"]["exposures"] == retrain
+
+
+def test_no_measurement_feeds_a_position_training_never_fed(tiny):
+    """Training feeds seq_len - 1 tokens (a sequence's last token is only a target), so that is the block size:
+    every window a measurement feeds (perplexity, GPTQ calibration, output error) has at most that many."""
+    model, _ = load_checkpoint(tiny.out_dir / "target.pt")
+    assert model.config.block_size == tiny.dcfg.seq_len - 1
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, tiny.dcfg.seq_len, dtype=torch.long))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-3"], "--steps -3: must be >= 0"), (["--lr", "0"], "--lr 0.0: must be > 0"),
+    (["--batch_size", "0"], "--batch_size 0: must be >= 1"), (["--sure_gamma", "120"], "must be in [0, 100]"),
+    (["--alpha", "-1"], "--alpha -1.0: must be >= 0"), (["--sga_gamma", "2"], "--sga_gamma 2.0: must be in [0, 1]")])
+def test_out_of_range_settings_are_refused_with_the_range(argv, message, capsys):
+    import unlearn_ga
+    with pytest.raises(SystemExit) as e:
+        cli("doc", unlearn_ga.UnlearnConfig, unlearn_ga.RetainConfig, unlearn_ga.SGAConfig, argv=argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_settings_class_checks_its_ranges(capsys):
+    from data.prepare import DataConfig
+    from quantize import QuantConfig
+    from evaluate import StudyConfig
+    from unlearn_memflex import MemFlexConfig
+    from unlearn_npo import NPOConfig
+    from task_arithmetic import TAConfig
+    for cls, argv, message in [(TrainConfig, ["--mem_frac", "1.0"], "one general window"),
+                               (TrainConfig, ["--n_embd", "30"], "multiple of --n_head"),
+                               (DataConfig, ["--book_prefix", "48"], "below --seq_len"),
+                               (DataConfig, ["--secret_reps", "1,x"], "comma list"),
+                               (QuantConfig, ["--nsamples", "0"], "--nsamples 0: must be >= 1"),
+                               (QuantConfig, ["--method", "awq"], "rtn, gptq, nf4, fp4"),
+                               (QuantConfig, ["--absmax", "--no-sym"], "symmetric integer grid"),
+                               (StudyConfig, ["--workers", "-1"], "--workers -1: must be >= 0"),
+                               (MemFlexConfig, ["--randomize", "1.5"], "in [0, 1]"),
+                               (NPOConfig, ["--beta", "0"], "--beta 0.0: must be > 0"),
+                               (TAConfig, ["--phi", "-0.1"], "in [0, 1]")]:
+        with pytest.raises(SystemExit):
+            cli("doc", cls, argv=argv)
+        assert message in capsys.readouterr().err, (cls.__name__, argv)
+
+
+@pytest.mark.parametrize("cmd, message", [(["quantize.py", "--method", "gptq", "--nsamples", "0"], "must be >= 1"),
+                                          (["unlearn_ga.py", "--steps", "-3"], "--steps -3: must be >= 0")])
+def test_bad_command_lines_end_in_a_message_not_a_traceback(tmp_path, cmd, message):
+    r = subprocess.run([sys.executable, *cmd, "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_tiny_target_memorizes_and_retrain_does_not(tiny):

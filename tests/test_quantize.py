@@ -11,6 +11,7 @@ import torch
 
 import model as M
 import quantize as Q
+from conftest import prose
 from data.prepare import load_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,19 @@ def test_symmetric_grid_by_hand():
         assert k.round().min() >= -2 ** (bits - 1) and k.round().max() <= 2 ** (bits - 1) - 1
 
 
+def test_llm_int8_absmax_grid_by_hand():
+    # LLM.int8: Δ = max|w| / 127, codes ±127, so +max|w| is on the grid (Eq. 2's Δ = max|w|/128 clamps it)
+    w = torch.tensor([[-0.5, 0.004, 1.27]])
+    q, scale, zero = Q.rtn(w, 8, absmax=True)
+    assert scale.item() == pytest.approx(0.01) and zero.item() == 128
+    assert Q.dequantize(q, scale, zero)[0].tolist() == pytest.approx([-0.5, 0.0, 1.27])
+    assert Q.dequantize(*Q.rtn(w, 8))[0, 2].item() == pytest.approx(1.27 * 127 / 128)
+    W = torch.randn(8, 64, generator=gen())
+    q, scale, zero = Q.rtn(W, 8, absmax=True)
+    assert ((q - zero).abs() <= 127).all() and ((W - Q.dequantize(q, scale, zero)).abs() <= scale / 2 + 1e-7).all()
+    assert Q.quant_name(Q.QuantConfig(bits=8, absmax=True)) == "int8"
+
+
 def test_asymmetric_grid_by_hand():
     # N = 2, w in [-0.3, 0.6]: Δ = 0.9 / 3 = 0.3, z = round(0.3 / 0.3) = 1, levels -0.3, 0, 0.3, 0.6
     w = torch.tensor([[-0.3, 0.1, 0.2, 0.6]])
@@ -62,11 +76,24 @@ def test_asymmetric_grid_by_hand():
     assert Q.dequantize(q, scale, zero)[0].tolist() == pytest.approx([-0.3, 0.0, 0.3, 0.6])
 
 
-def test_codebooks_hold_exactly_their_levels():
-    assert len(Q.NF4.unique()) == 16 and Q.NF4.min() == -1 and Q.NF4.max() == 1 and 0 in Q.NF4
-    assert torch.equal(Q.NF4, Q.NF4.sort().values)
-    fp4 = {round(v * 192) for v in Q.FP4.abs().tolist()}  # E2M1 magnitudes over 12: 0, 1/192, 1/6 ... 1
-    assert fp4 == {0, 1, 32, 48, 64, 96, 128, 192} and len(Q.FP4.unique()) == 15
+def test_codebooks_are_bitsandbytes_levels_derived_from_their_definitions():
+    """NF4 (QLoRA; bitsandbytes create_normal_map(offset=0.9677083, use_extra_value=True)): the normal quantiles
+    Φ⁻¹ at 8 points from the offset to 1/2 on the positive side and 7 on the negative side, plus 0, divided by the
+    largest. FP4 (bitsandbytes' E2M1, code order): bit 3 the sign, bits 2-1 the exponent e, bit 0 the mantissa m;
+    e = 0 is 0 or 0.0625, else 2^(4-e)·(1 + m/2), all divided by 12."""
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+    nf4 = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)]).sort().values
+    assert torch.allclose(Q.NF4.double(), nf4 / nf4.max(), atol=1e-6)
+    fp4 = []
+    for code in range(16):
+        e, m = (code >> 1) & 3, code & 1
+        fp4.append((-1) ** (code >> 3) * (0.0625 * m if e == 0 else 2 ** (4 - e) * (1 + m / 2)) / 12)
+    assert Q.FP4.tolist() == pytest.approx(fp4) and len(Q.FP4.unique()) == 15  # +0 and -0 are one value
+
+
+def test_codebook_quantization_picks_the_nearest_level_per_block():
     w = torch.randn(10, 100, generator=gen())
     for name, levels in Q.CODEBOOKS.items():
         q, absmax = Q.codebook_quantize(w, levels)
@@ -116,20 +143,27 @@ def test_gptq_output_error_below_rtn_on_every_layer_of_a_gpt(sym, group_size, ac
         assert e_gptq < 0.7 * e_rtn, name
 
 
-def test_gptq_equals_the_column_by_column_obs_update():
+@pytest.mark.parametrize("group_size,sym", [(0, True), (8, True), (8, False)])
+def test_gptq_equals_the_column_by_column_obs_update(group_size, sym):
     """Lazy blocks + the Cholesky rows of H⁻¹ give the same result as the plain OBS loop of GPTQ Eq. 3-4: quantize
-    column i, W_F -= (w_i - q_i) / [H_F⁻¹]_ii · [H_F⁻¹]_{i,F}, then remove i from the inverse by Gaussian elimination."""
+    column i, W_F -= (w_i - q_i) / [H_F⁻¹]_ii · [H_F⁻¹]_{i,F}, then remove i from the inverse by Gaussian elimination.
+    With groups smaller than the block (8 < 16), each group's grid comes from the error-updated weights at its first
+    column, so the grids depend on the Hessian too."""
     X = correlated_inputs(40, 300, 0).double()
     W, H = torch.randn(6, 40, generator=gen(), dtype=torch.float64), 2 * X @ X.T / 300
     Hinv = torch.linalg.inv(H + 0.01 * H.diagonal().mean() * torch.eye(40, dtype=torch.float64))
-    scale, zero = Q.quant_params(W, 4)
+    scale, zero = Q.quant_params(W, 4, sym)
     Wr, Qr = W.clone(), torch.zeros_like(W)
     for i in range(40):
+        if group_size and i % group_size == 0:
+            scale, zero = Q.quant_params(Wr[:, i:i + group_size], 4, sym)
         Qr[:, i] = (Q.quantize(Wr[:, i:i + 1], scale, zero, 4) - zero)[:, 0] * scale[:, 0]
         Wr[:, i:] -= ((Wr[:, i] - Qr[:, i]) / Hinv[i, i])[:, None] * Hinv[i, i:][None]
         Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]  # Eq. 4
-    Wg, *_ = Q.gptq(W.float(), H.float(), 4, blocksize=16)
+    Wg, *_ = Q.gptq(W.float(), H.float(), 4, group_size, sym, blocksize=16)
     assert torch.allclose(Wg.double(), Qr, atol=1e-5)
+    if group_size:  # the grids differ from RTN's on the original weights: the error feedback moved them
+        assert not torch.allclose(Wg, Q.dequantize(*Q.rtn(W.float(), 4, group_size, sym)))
 
 
 @pytest.mark.parametrize("sym,group_size", [(True, 0), (False, 0), (True, 16), (False, 32)])
@@ -163,7 +197,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="does not divide"):
         Q.quantize_weight(torch.randn(4, 48), "rtn", 4, group_size=32)
     r = subprocess.run([sys.executable, "quantize.py", "--bits", "9"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0 and "2, 3, 4, 5, 6, 7, 8" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--bits 9: must be in [2, 8]" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("method,bits,lm_head", [("rtn", 4, False), ("gptq", 4, True), ("nf4", 4, False),
@@ -205,7 +239,7 @@ def tiny_hf(tmp_path, arch, with_tokenizer=True):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                               PreTrainedTokenizerFast)
-    text = (ROOT.parent / "shared" / "data" / "alice_in_wonderland.txt").read_text()[:6000]
+    text = prose(1200, 3)
     (tmp_path / "text.txt").write_text(text)
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -223,13 +257,44 @@ def tiny_hf(tmp_path, arch, with_tokenizer=True):
     return tmp_path / arch, tmp_path / "text.txt"
 
 
+def second_half_and_T(path, text):
+    """What main_hf scores: the second half of the text's tokens, in windows of T."""
+    from transformers import AutoTokenizer
+    ids = torch.tensor(AutoTokenizer.from_pretrained(path)(text.read_text())["input_ids"])
+    return ids[len(ids) // 2:], min(512, 64, len(ids) // 2 - 1)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_hf_models_quantize_and_report_perplexity(tmp_path, capsys, arch):
+def test_hf_rtn_equals_quantizing_every_linear_by_hand(tmp_path, arch):
+    """main_hf's perplexities are those of the model before, and of the model whose Linear (GPT-2: Conv1D) weights
+    but the output head are replaced by Q.rtn's, on the second half of the text."""
+    from transformers import AutoModelForCausalLM
     path, text = tiny_hf(tmp_path, arch)
+    before, after = Q.main_hf(Q.QuantConfig(hf=str(path), text=str(text), method="rtn", bits=3, group_size=16))
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, T = second_half_and_T(path, text)
+    assert before == pytest.approx(Q.hf_perplexity(hf, ids, T), rel=1e-6)
+    head, n = hf.get_output_embeddings(), 0
+    with torch.no_grad():
+        for m in hf.modules():
+            if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and m is not head:
+                W = Q.weight_view(m)
+                W.copy_(Q.dequantize(*Q.rtn(W.float(), 3, 16)))
+                n += 1
+    assert n == (14 if arch == "llama" else 8)
+    assert after == pytest.approx(Q.hf_perplexity(hf, ids, T), rel=1e-6) and after != before
+
+
+def test_hf_gptq_calibrates_on_the_first_half_only(tmp_path, monkeypatch):
+    path, text = tiny_hf(tmp_path, "llama")
+    seen = []
+    windows = Q.calibration_windows
+    monkeypatch.setattr(Q, "calibration_windows", lambda stream, *a: seen.append(stream) or windows(stream, *a))
     Q.main_hf(Q.QuantConfig(hf=str(path), text=str(text), method="gptq", bits=4, nsamples=8, group_size=32))
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    before, after = map(float, re.search(r"([\d.]+) before, ([\d.]+) after", line).groups())
-    assert f"{14 if arch == 'llama' else 8} layers" in line and math.isfinite(after) and before != after
+    (calib,) = seen  # one stream of calibration windows: the first half; main_hf scores the second
+    from transformers import AutoTokenizer
+    ids = torch.tensor(AutoTokenizer.from_pretrained(path)(text.read_text())["input_ids"])
+    assert torch.equal(calib, ids[:len(ids) // 2])
 
 
 def test_hf_without_tokenizer_is_refused(tmp_path):
@@ -279,4 +344,9 @@ def test_cli_quantizes_the_newest_unlearned_model_and_compares_with_the_target(t
     assert "forget exact-match of ga as a share of target's" in out
     model, ckpt = Q.load_quantized(tmp_path / "ga_rtn3_g32_asym.pt")
     assert ckpt["quant"]["bits"] == 3 and ckpt["quant"]["source"].endswith("ga.pt")
-    assert ckpt["kind"] == "ga" and M.perplexity(model, load_data(ckpt["data"], tmp_path).general_val) > 1
+    data = load_data(ckpt["data"], tmp_path)
+    assert ckpt["kind"] == "ga" and M.perplexity(model, data.general_val) > 1
+    # its metrics are the quantized model's own, not the full-precision ones of ga.pt
+    _, fp = M.load_checkpoint(tmp_path / "ga.pt")
+    assert ckpt["metrics"]["forget_ma"] == pytest.approx(M.memorization(model, data)["forget_ma"])
+    assert ckpt["metrics"]["forget_ma"] != fp["metrics"]["forget_ma"] and ckpt["metrics"]["seconds"] >= 0

@@ -12,7 +12,7 @@ import task_arithmetic as ta
 import unlearn_ga as ga
 import unlearn_memflex as mf
 import unlearn_npo as npo
-from data.prepare import Seqs
+from data.prepare import Seqs, load_data
 from model import GPT, GPTConfig, load_checkpoint, score
 
 
@@ -161,6 +161,42 @@ def test_memflex_randomizes_only_answer_tokens_and_leaves_unselected_bit_identic
                           ga.RetainConfig("gdr", 2.0), mask=mask)
     for k, v in model.state_dict().items():
         assert (not torch.equal(v, before[k])) == (k.removesuffix(".weight") in mask), k
+
+
+def test_answer_ce_is_the_mean_per_sequence_answer_cross_entropy():
+    model, seqs, _ = toy()
+    with torch.no_grad():
+        got = mf.answer_ce(model, seqs)
+        per_seq = []
+        for i in range(len(seqs)):
+            x, p, n = seqs.x[i], seqs.prefix[i].item(), seqs.length[i].item()
+            logp = torch.log_softmax(model(x[None, :n - 1])[0][0], -1)
+            per_seq.append(-logp[p - 1:n - 1].gather(-1, x[p:n, None]).mean())  # targets x_p .. x_{n-1}
+    assert got.item() == pytest.approx(torch.stack(per_seq).mean().item(), rel=1e-5)
+
+
+def test_memflex_localizes_with_randomized_forget_and_retain_gradients(tiny, tiny_target):
+    """The cosines MemFlex reports are those of the mean gradients on randomized copies of the forget and of the
+    retain split (KnowUnDo): computed here again, they match; a localization that ignored the retain split (forget
+    against its own randomized copy, say) would not. With mu between the smallest and largest cosine, some
+    matrices are selected and not all, and only those move."""
+    mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--mu", "0.9", "--sigma", "0"])
+    table = json.loads((tiny_target / "memflex.json").read_text())["localization"]
+    model, _ = load_checkpoint(tiny_target / "target.pt")
+    data = load_data(tiny.dcfg, tiny_target)
+    mcfg, gen = mf.MemFlexConfig(), torch.Generator().manual_seed(1337)
+    g_f, g_r = (mf.localization_grads(model, data.split(s), mcfg, data.vocab_size, gen) for s in ("forget", "retain"))
+    _, expected = mf.localize(g_f, g_r, 0.9, 0)
+    flat = lambda t: [v for n in sorted(t) for v in t[n]]
+    assert list(table) == list(expected)
+    assert flat({n: (r["cos"], r["mean_abs_grad"]) for n, r in table.items()}) == pytest.approx(flat(expected))
+    g_self = mf.localization_grads(model, data.split("forget"), mcfg, data.vocab_size, gen)
+    assert flat(mf.localize(g_f, g_self, 0.9, 0)[1]) != pytest.approx(flat(expected), abs=1e-3)
+    cos = sorted(r["cos"] for r in table.values())
+    mu = (cos[len(cos) // 2 - 1] + cos[len(cos) // 2]) / 2  # between the two middle cosines: half are selected
+    mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--mu", str(mu), "--sigma", "0"])
+    trained = json.loads((tiny_target / "memflex.json").read_text())["trained"]
+    assert len(trained) == len(cos) // 2 and set(trained) == {n for n, r in table.items() if r["cos"] < mu}
 
 
 def test_nan_loss_stops_with_the_step_and_the_loss():
