@@ -1,30 +1,26 @@
 """
-A small GPT that memorizes, the per-sequence scores every other script needs, checkpoints, and the training of the
-three models the study compares (SPEC §2):
-  base     trained on the general corpus only
-  target   base fine-tuned on general + forget + retain until the memorized sets are memorized
-  retrain  base fine-tuned the same way without the forget set: the gold standard of unlearning
+A small GPT that memorizes, and what every other script asks of it: greedy decoding, per-sequence scores from one
+teacher-forced pass (memorization accuracy, exact match, log-likelihood), perplexity, and checkpoints.
+
+nanoGPT's model (GPT-2's module names, so Hugging Face GPT-2 weights load), trained by train.py into the three
+models the study compares: base (general text), target (base fine-tuned on general + forget + retain until the
+memorized sets are memorized) and retrain (the same without the forget set). `python model.py` runs train.py.
 
 $ python model.py                      # trains what is missing, writes out/{base,target,retrain}.pt and out/train.json
 $ python model.py --force              # retrains everything
 $ python model.py --dtype bfloat16     # pure bf16 weights, no float32 master copy
-$ python model.py --book my_book.txt   # memorize another book (see data/prepare.py for the sources)
 """
-import argparse
-import inspect
 import io
 import json
 import math
-import re
-import time
-from dataclasses import asdict, dataclass, fields
+import os
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-from data.prepare import DataConfig, atomic_write_bytes, check_range, load_data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,19 +116,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens):
-        """Greedy continuation of idx (B, T) by max_new_tokens, with a KV cache: one position per step."""
-        caches = [{} for _ in self.transformer.h]
-        logits, _ = self(idx, caches=caches)
-        out = [idx]
-        for t in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-            out.append(nxt)
-            if t + 1 < max_new_tokens:
-                logits, _ = self(nxt, caches=caches, pos0=idx.size(1) + t)
-        return torch.cat(out, dim=1)
-
     @classmethod
     def from_pretrained(cls, local_dir):
         """GPT-2-family Hugging Face weights from a local directory (no download). transformers stores the four
@@ -177,7 +160,28 @@ def pick_device(name="auto"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# per-sequence scores: one teacher-forced pass answers MA, exact match and likelihood
+# greedy decoding and per-sequence scores
+
+@torch.no_grad()
+def greedy(model, prompts, max_new):
+    """Greedy continuations (lists of ids) of prompts (lists of ids), max_new[i] tokens for prompt i, all decoded
+    together in lock-step with a KV cache: one forward pass per position t for every sequence at once, which is
+    fed its own prompt token while t is inside its prompt and its previous argmax after. The GPT has no padding
+    mask, so prompts of unequal length cannot be left-padded into one batch; lock-step needs no padding, and makes
+    max(length) forward passes instead of one per position per prompt length."""
+    dev = next(model.parameters()).device
+    n, k = torch.tensor([len(p) for p in prompts]), torch.tensor(max_new)
+    x = torch.zeros(len(prompts), int((n + k).max()), dtype=torch.long)
+    for row, p in zip(x, prompts):
+        row[:len(p)] = torch.tensor(p)
+    x, n, caches, t0 = x.to(dev), n.to(dev), [{} for _ in model.transformer.h], int(n.min())
+    logits, _ = model(x[:, :t0], caches=caches)  # the part every prompt has
+    for t in range(t0, x.size(1)):
+        x[:, t] = torch.where(t < n, x[:, t], logits[:, -1].argmax(-1))
+        if t + 1 < x.size(1):
+            logits, _ = model(x[:, t:t + 1], caches=caches, pos0=t)
+    return [row[a:a + b] for row, a, b in zip(x.tolist(), n.tolist(), k.tolist())]
+
 
 @torch.no_grad()
 def score(model, seqs, batch_size=128):
@@ -207,13 +211,12 @@ def score(model, seqs, batch_size=128):
     return out
 
 
-def memorization(model, data, splits=("forget", "retain", "holdout"), by_kind=False):
-    """{split}_exact and {split}_ma (means over sequences); with by_kind, the same per kind of text, and the
-    secrets per repetition count (reps of the forget/retain copy; holdout has none)."""
+def summarize(data, scores, by_kind=False):
+    """{split}_exact and {split}_ma (means over sequences) from {split: score(...)}; with by_kind, the same per kind
+    of text, and the secrets per repetition count (reps of the forget/retain copy; holdout has none)."""
     res, kinds = {}, {}
-    for split in splits:
+    for split, s in scores.items():
         seqs = data.split(split)
-        s = score(model, seqs)
         res[f"{split}_exact"], res[f"{split}_ma"] = s["exact"].float().mean().item(), s["ma"].mean().item()
         for kind in dict.fromkeys(seqs.kind):
             sel = torch.tensor([k == kind for k in seqs.kind])
@@ -227,21 +230,49 @@ def memorization(model, data, splits=("forget", "retain", "holdout"), by_kind=Fa
     return res
 
 
+def memorization(model, data, splits=("forget", "retain", "holdout"), by_kind=False):
+    """summarize() of one score() pass per split."""
+    return summarize(data, {s: score(model, data.split(s)) for s in splits}, by_kind)
+
+
+def logits_of(model, x):
+    """The logits (B, T, V) of our GPT or of a Hugging Face causal LM."""
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
 @torch.no_grad()
-def perplexity(model, stream, batch_size=64):
-    """exp(mean next-token cross-entropy) over non-overlapping block_size windows of a token stream."""
-    T, dev = model.config.block_size, next(model.parameters()).device
+def perplexity(model, stream, T=None, batch_size=32):
+    """exp(mean next-token cross-entropy) over non-overlapping windows of T input tokens of a token stream (T =
+    the GPT's block_size: the positions training feeds). Works for Hugging Face causal LMs too."""
+    T, dev = T or model.config.block_size, next(model.parameters()).device
     x = stream[: (len(stream) - 1) // T * T + 1]
     xs, ys = x[:-1].view(-1, T), x[1:].view(-1, T)
-    total = 0.0
-    for i in range(0, len(xs), batch_size):
-        _, loss = model(xs[i:i + batch_size].to(dev), ys[i:i + batch_size].to(dev))
-        total += loss.item() * len(xs[i:i + batch_size])
-    return math.exp(total / len(xs))
+    nll = sum(F.cross_entropy(logits_of(model, a.to(dev)).float().flatten(0, 1), b.to(dev).flatten(), reduction="sum")
+              for a, b in zip(xs.split(batch_size), ys.split(batch_size)))
+    return math.exp(nll.item() / ys.numel())
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints: one plain dict, loadable with weights_only=True, written atomically
+
+def atomic_write_bytes(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
 
 def save_checkpoint(path, model, **meta):
     buf = io.BytesIO()
@@ -270,174 +301,6 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device=device, dtype=dtype).eval(), ckpt
 
 
-def write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command-line settings: a commented @dataclass is the single place a script's settings live
-
-def cli(doc, *classes, argv=None):
-    """Parses --name value for every field of the given dataclasses (help = the field's comment); unknown names and
-    wrong types fail with argparse's message, which lists the valid settings."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for cls in classes:
-        comments = {k: v.replace("%", "%%")  # argparse %-formats help texts
-                    for k, v in re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M)}
-        for f in fields(cls):
-            kind = type(f.default)
-            if kind is bool:
-                ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                                help=comments.get(f.name, ""))
-            else:
-                ap.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=kind.__name__.upper(),
-                                help=f"{comments.get(f.name, '')} (default: {f.default})")
-    args = vars(ap.parse_args(argv))
-    try:
-        return [cls(**{f.name: args[f.name] for f in fields(cls)}) for cls in classes]
-    except ValueError as e:  # a setting out of range (each settings class checks its own in __post_init__)
-        ap.error(str(e))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# training base, target and retrain
-
-@dataclass
-class TrainConfig:
-    out_dir: str = "out"  # where checkpoints and train.json go
-    device: str = "auto"  # 'auto' = cuda if present, else cpu
-    dtype: str = "float32"  # float32, or bfloat16 for pure bf16 weights and optimizer (no float32 master copy)
-    seed: int = 1337  # initialisation and batch order
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    batch_size: int = 16
-    base_steps: int = 100  # steps on the general corpus
-    base_lr: float = 3e-3
-    tune_epochs: float = 1.0  # passes over the target's exposures (each sequence `reps` times); retrain: same steps
-    tune_lr: float = 6e-3
-    mem_frac: float = 0.9  # share of each fine-tuning batch drawn from the memorized sequences (rest: general)
-    log_interval: int = 50
-    force: bool = False  # retrain checkpoints that exist
-
-    def __post_init__(self):
-        check_range(self, n_layer=">= 1", n_head=">= 1", n_embd=">= 1", batch_size=">= 2", base_steps=">= 0",
-              base_lr="> 0", tune_epochs="> 0", tune_lr="> 0", mem_frac="0..1", log_interval=">= 1")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"--n_embd {self.n_embd}: must be a multiple of --n_head {self.n_head}")
-        if not 1 <= int(self.batch_size * self.mem_frac) < self.batch_size:
-            raise ValueError(f"--mem_frac {self.mem_frac}: batch_size * mem_frac must leave at least one memorized "
-                             f"sequence and one general window in a batch of {self.batch_size}")
-
-
-def general_batch(stream, n, T, gen):
-    """n random windows of T tokens of a stream, as inputs (n, T-1) and next-token targets (n, T-1)."""
-    i = torch.randint(len(stream) - T, (n,), generator=gen)
-    x = torch.stack([stream[j:j + T] for j in i.tolist()])
-    return x[:, :-1], x[:, 1:]
-
-
-def exposure_order(data, n_mem, epochs, gen):
-    """The target's fine-tuning order of the memorized sequences: a list in which every forget and retain sequence
-    appears `reps` times, shuffled (`epochs` passes, a fractional last pass cut short), then cut into batches of
-    n_mem. Returns the batches as indices into forget + retain (concatenated), and that concatenation."""
-    pool = [data.split(s) for s in ("forget", "retain")]
-    idx = torch.arange(sum(map(len, pool))).repeat_interleave(torch.cat([s.reps for s in pool]))
-    n = round(epochs * len(idx))
-    order = torch.cat([idx[torch.randperm(len(idx), generator=gen)] for _ in range(math.ceil(epochs))])[:n]
-    return order.split(n_mem), pool
-
-
-def train(model, data, cfg, lr, gen, name, memorize=(), steps=None):
-    """AdamW with a short warmup and cosine decay. Each batch holds batch_size * (1 - mem_frac) random windows of
-    general text and, while exposure_order has batches left, its next batch of memorized sequences, keeping those
-    of the splits in `memorize`. The target keeps ("forget", "retain"); the retrain model keeps ("retain",) from
-    the very same order and general windows (the same gen), so it is the target's recipe without the forget set:
-    every retain sequence seen `reps` times at the same steps, the forget set never. With memorize=() (the base
-    model), general text only. steps: by default one per batch of exposure_order. Returns the model and the
-    exposures it saw: per split, the times each sequence was in a batch, and the number of general windows."""
-    dev, T = next(model.parameters()).device, data.config["seq_len"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    n_mem = int(cfg.batch_size * cfg.mem_frac) if memorize else 0
-    batches, pool = exposure_order(data, n_mem, cfg.tune_epochs, gen) if memorize else ((), [])
-    steps = len(batches) if steps is None else steps
-    splits = ("forget", "retain")[:len(pool)]
-    split_of = torch.cat([torch.full((len(s),), i) for i, s in enumerate(pool)]) if pool else None
-    keep = torch.tensor([s in memorize for s in splits])
-    mem_x = torch.cat([s.x for s in pool]) if pool else None
-    mem_len = torch.cat([s.length for s in pool]) if pool else None
-    seen, t0 = torch.zeros(len(mem_x) if pool else 0, dtype=torch.long), time.time()
-    for step in range(steps):
-        for g in opt.param_groups:  # 5% warmup, then cosine to 10%
-            w = min(1.0, (step + 1) / max(1, steps // 20))
-            g["lr"] = lr * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        x, y = general_batch(data.general_train, cfg.batch_size - n_mem, T, gen)
-        if step < len(batches):
-            pick = batches[step][keep[split_of[batches[step]]]]
-            seen += torch.bincount(pick, minlength=len(seen))
-            mx = mem_x[pick]
-            my = torch.where(torch.arange(1, T)[None] < mem_len[pick, None], mx[:, 1:], -1)
-            x, y = torch.cat([x, mx[:, :-1]]), torch.cat([y, my])
-        _, loss = model(x.to(dev), y.to(dev))
-        if not torch.isfinite(loss):
-            raise SystemExit(f"{name}: loss is {loss.item()} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % cfg.log_interval == 0 or step == steps - 1:
-            print(f"{name} step {step:4d} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
-    exposures = {s: seen[split_of == i].tolist() for i, s in enumerate(splits)}
-    return model, dict(exposures, general_windows=steps * (cfg.batch_size - n_mem))
-
-
-def train_all(cfg, dcfg):
-    """Trains base -> target and base -> retrain, skipping checkpoints that exist (unless --force)."""
-    out, dev, dtype = Path(cfg.out_dir), pick_device(cfg.device), weight_dtype(cfg.dtype)
-    data = load_data(dcfg, out)
-    summary_path = out / "train.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() and not cfg.force else {}
-    meta = dict(config=asdict(cfg), data=asdict(dcfg), corpora=data.meta["corpora"])
-    plan = [("base", None, ()), ("target", "base", ("forget", "retain")), ("retrain", "base", ("retain",))]
-    for name, parent, splits in plan:
-        path = out / f"{name}.pt"
-        if path.exists() and not cfg.force:
-            print(f"{path} exists; skipping (--force retrains)")
-            continue
-        t0 = time.time()
-        torch.manual_seed(cfg.seed)
-        if parent is None:
-            gcfg = GPTConfig(block_size=data.config["seq_len"] - 1, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd)
-            model, seen = train(GPT(gcfg).to(dev, dtype), data, cfg, cfg.base_lr, torch.Generator().manual_seed(
-                cfg.seed), name, steps=cfg.base_steps)
-        else:  # target and retrain: the same generator, so the same order and general windows (see train)
-            model, _ = load_checkpoint(out / f"{parent}.pt", dev)
-            model, seen = train(model.train(), data, cfg, cfg.tune_lr, torch.Generator().manual_seed(cfg.seed + 1),
-                                name, memorize=splits)
-        model.eval()
-        stats = memorization(model, data, by_kind=True)
-        stats["holdout_ppl"] = perplexity(model, data.general_val)
-        stats["seconds"], stats["exposures"] = round(time.time() - t0, 1), seen
-        save_checkpoint(path, model, kind=name, metrics=stats, **meta)
-        summary[name] = stats
-        print(f"{name}: forget exact {stats['forget_exact']:.2f} MA {stats['forget_ma']:.2f} | retain exact "
-              f"{stats['retain_exact']:.2f} MA {stats['retain_ma']:.2f} | holdout MA {stats['holdout_ma']:.2f} | "
-              f"ppl {stats['holdout_ppl']:.1f} | {stats['seconds']}s")
-    summary["corpora"] = data.meta["corpora"]
-    write_json(summary_path, summary)
-    return summary
-
-
-def load_or_train(name, out_dir="out", device="cpu"):
-    """The checkpoint out_dir/name.pt, trained first with the default settings if it is missing."""
-    path = Path(out_dir) / f"{name}.pt"
-    if not path.exists():
-        print(f"{path} not found: training it first (python model.py --out_dir {out_dir})")
-        train_all(TrainConfig(out_dir=str(out_dir)), DataConfig())
-    return load_checkpoint(path, device)
-
-
-if __name__ == "__main__":
-    cfg, dcfg = cli(__doc__, TrainConfig, DataConfig)
-    train_all(cfg, dcfg)
+if __name__ == "__main__":  # the training program is train.py; `python model.py` is its command
+    import train
+    train.main()

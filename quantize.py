@@ -1,5 +1,5 @@
 """
-Quantize the Linear layers of the transformer blocks and save a packed checkpoint (SPEC §4): round-to-nearest
+Quantize the Linear layers of the transformer blocks and save a packed checkpoint: round-to-nearest
 integers (2..8 bits, symmetric absmax or asymmetric min-max, per output channel or per group of input columns),
 GPTQ, and bitsandbytes' NF4/FP4 codebooks. Finding 1 of the study: 4-bit rounding can undo unlearning.
 
@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from torch.nn import functional as F
 
 import model as M
-from data.prepare import atomic_write_bytes, check_range, load_data
+from data.prepare import load_data
+from settings import check_range, cli
+from unlearn import METHODS as UNLEARNED
 
 METHODS = ("rtn", "gptq", "nf4", "fp4")
-UNLEARNED = ("ga ga_gdr ga_klr npo npo_gdr npo_klr ga_gdr_sure ga_klr_sure npo_gdr_sure npo_klr_sure sga ta tau "
-             "memflex").split()  # the unlearning scripts' out/<method>.pt (SPEC §9)
 
 # ----------------------------------------------------------------------------------------------------------------
 # the uniform integer grid shared by RTN and GPTQ (GPTQ's quant.py: find params, quantize)
@@ -303,29 +302,6 @@ def quantized_layers(model, lm_head=False):
     return {**M.block_linears(model), **({"lm_head": model.lm_head} if lm_head else {})}
 
 
-@torch.no_grad()
-def quantize_model(model, method, bits=4, group_size=0, sym=True, windows=None, actorder=False, lm_head=False,
-                   absmax=False):
-    """Quantizes a GPT's block Linears (and lm_head) in place; returns name -> record. GPTQ goes block by block on
-    cached hidden states, as the reference gptq.py: a block's calibration inputs are computed once, with every
-    earlier block already quantized, and each Linear's Hessian comes from running the block with the Linears before
-    it already quantized. The same as quantize_layers on the whole model, without re-running the earlier blocks."""
-    layers, records = quantized_layers(model, lm_head), {}
-    if method != "gptq" or windows is None:  # (quantize_layers refuses gptq without windows)
-        return quantize_layers(model, layers, method, bits, group_size, sym, windows, actorder, absmax)
-    windows = windows.to(model.lm_head.weight.device)
-    x = model.transformer.wte(windows) + model.transformer.wpe(torch.arange(windows.shape[1], device=windows.device))
-    for i, block in enumerate(model.transformer.h):
-        mine = {n: m for n, m in layers.items() if n.startswith(f"transformer.h.{i}.")}
-        records.update(quantize_layers(block, mine, method, bits, group_size, sym, x, actorder, absmax))
-        x = torch.cat([block(b) for b in x.split(16)])  # (nsamples, T, C)
-    if lm_head:
-        x = model.transformer.ln_f(x)
-        records.update(quantize_layers(model.lm_head, {"lm_head": model.lm_head}, method, bits, group_size, sym, x,
-                                       actorder, absmax))
-    return records
-
-
 def output_error(model, layers, windows, quantize_fn):
     """Runs quantize_fn() (which quantizes layers in place) and returns the mean over layers of the relative output
     error ‖(W - Q)X‖² / ‖WX‖² on the windows' inputs X to each layer of the unquantized model (via G = XXᵀ)."""
@@ -355,7 +331,7 @@ def save_quantized(path, model, records, ckpt, quant, metrics=None):
     ckpt = {k: v for k, v in ckpt.items() if k != "metrics"}
     torch.save({**ckpt, "model": state, "quant": quant, "qweights": records,
                 **({"metrics": metrics} if metrics is not None else {})}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    M.atomic_write_bytes(path, buf.getvalue())
 
 
 def load_quantized(path, device="cpu"):
@@ -431,8 +407,8 @@ def quantize_with(model, cfg, data):
 
     def run():
         t0 = time.time()
-        return quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder,
-                              cfg.lm_head, cfg.absmax), time.time() - t0
+        return quantize_layers(model, quantized_layers(model, cfg.lm_head), cfg.method, cfg.bits, cfg.group_size,
+                               cfg.sym, windows, cfg.actorder, cfg.absmax), time.time() - t0
     heldout = calibration_windows(data.general_val, 32, T, cfg.seed)
     (records, seconds), err = output_error(model, quantized_layers(model, cfg.lm_head), heldout, run)
     calibration = dict(source="general_train", nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
@@ -445,7 +421,7 @@ def quantize_with(model, cfg, data):
 def newest_unlearned(out_dir):
     found = [p for p in (Path(out_dir) / f"{m}.pt" for m in UNLEARNED) if p.exists()]
     if not found:
-        raise SystemExit(f"no unlearned checkpoint in {out_dir}/ ({', '.join(m + '.pt' for m in UNLEARNED[:3])}, "
+        raise SystemExit(f"no unlearned checkpoint in {out_dir}/ ({', '.join(m + '.pt' for m in list(UNLEARNED)[:3])}, "
                          f"...): make one with `python unlearn_ga.py`, or pass --ckpt {out_dir}/target.pt")
     return max(found, key=lambda p: p.stat().st_mtime)
 
@@ -478,61 +454,21 @@ def main(cfg):
     for (name, prec), r in rows.items():
         print(f"{name:<12}{prec:<18}{r['forget_exact']:13.3f}{r['forget_ma']:10.3f}{r['retain_exact']:13.3f}"
               f"{r['retain_ma']:10.3f}{r['ppl']:9.2f}" + (f"{r['rel_output_error']:9.1e}" if "seconds" in r else ""))
-    if len(rows) == 4:  # retained knowledge (SPEC §5): the input's forget exact-match over the target's, same precision
+    if len(rows) == 4:  # retained knowledge (README): the input's forget exact-match over the target's, same precision
         (a, ra), (_, rq), (t, ta), (_, tq) = rows.items()
         share = lambda u, v: f"{100 * u['forget_exact'] / v['forget_exact']:.0f}%" if v["forget_exact"] else "n/a"
         print(f"forget exact-match of {a[0]} as a share of {t[0]}'s: {share(ra, ta)} at {a[1]}, "
               f"{share(rq, tq)} at {quant_name(cfg)}")
 
 
-@torch.no_grad()
-def hf_perplexity(model, ids, T, batch_size=8):
-    """exp(mean next-token cross-entropy) over non-overlapping windows of T tokens."""
-    x, dev, total = ids[: len(ids) // T * T].view(-1, T), next(model.parameters()).device, 0.0
-    for b in x.split(batch_size):
-        total += model(b.to(dev), labels=b.to(dev)).loss.item() * len(b)
-    return math.exp(total / len(x))
-
-
-def main_hf(cfg):
-    """--hf DIR: the same quantizers on every Linear (and Conv1D) of a local Hugging Face causal LM except its
-    output head (unless --lm_head). --text is cut in two: GPTQ calibrates on the first half, and perplexity before
-    and after is measured on the second, so GPTQ is never scored on the text it was fitted to. Returns the two
-    perplexities."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # only on this path
-    if not Path(cfg.hf).is_dir():
-        raise SystemExit(f"--hf {cfg.hf}: not a directory; give a local Hugging Face model directory")
-    if not cfg.text or not Path(cfg.text).is_file():
-        raise SystemExit(f"--hf needs --text FILE, a text file for calibration and perplexity (got {cfg.text!r})")
-    if not any((Path(cfg.hf) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise SystemExit(f"--hf {cfg.hf}: no tokenizer there (tokenizer.json, tokenizer.model or vocab.json); save "
-                         f"the model's tokenizer into it with tokenizer.save_pretrained(DIR)")
-    tok = AutoTokenizer.from_pretrained(cfg.hf, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(cfg.hf, local_files_only=True, dtype=torch.float32)
-    model = model.to(M.pick_device(cfg.device)).eval()
-    ids = torch.tensor(tok(Path(cfg.text).read_text())["input_ids"])
-    if len(ids) < 32:
-        raise SystemExit(f"--text {cfg.text}: only {len(ids)} tokens; give a longer text")
-    calib, ids = ids[:len(ids) // 2], ids[len(ids) // 2:]  # GPTQ's calibration text, and the scored text
-    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
-    T = min(512, ctx, len(calib) - 1)
-    head = model.get_output_embeddings()
-    layers = {n: m for n, m in model.named_modules() if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
-              and (cfg.lm_head or m is not head)}
-    windows = calibration_windows(calib, cfg.nsamples, T, cfg.seed) if cfg.method == "gptq" else None
-    before, t0 = hf_perplexity(model, ids, T), time.time()
-    quantize_layers(model, layers, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder, cfg.absmax)
-    after = hf_perplexity(model, ids, T)
-    print(f"{cfg.hf}: {quant_name(cfg)} on {len(layers)} layers in {time.time() - t0:.1f}s"
-          + (f", calibrated on the first half of {cfg.text} ({len(calib)} tokens)" if windows is not None else "")
-          + f"; perplexity on its second half ({len(ids)} tokens): {before:.3f} before, {after:.3f} after")
-    return before, after
-
-
 if __name__ == "__main__":
-    (cfg,) = M.cli(__doc__, QuantConfig)
+    (cfg,) = cli(__doc__, QuantConfig)
     try:
         check(cfg.method, cfg.bits)
-        main_hf(cfg) if cfg.hf else main(cfg)
+        if cfg.hf:
+            import pretrained  # the Hugging Face path: transformers is imported only there
+            pretrained.quantize_hf(cfg)
+        else:
+            main(cfg)
     except ValueError as e:
         raise SystemExit(str(e)) from None

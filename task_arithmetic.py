@@ -1,5 +1,5 @@
 """
-Unlearning by task arithmetic (SPEC §3): fine-tune on the forget set, then subtract what the fine-tuning added.
+Unlearning by task arithmetic: fine-tune on the forget set, then subtract what the fine-tuning added.
 
 $ python task_arithmetic.py               # ta:  tau = theta_ft - theta_o from CE fine-tuning on D_f; theta_o - lam*tau
 $ python task_arithmetic.py --lam 2       # a stronger negation
@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from data.prepare import check_range
-from model import cli, score
-from unlearn_ga import UnlearnConfig, ce_loss, ga_loss, load_target, save_result, sga_pick, unlearn
+from model import score
+from settings import check_range, cli
+from unlearn import UnlearnConfig, ce_loss, load_target, save_result, unlearn
+from unlearn_ga import ga_loss, sga_pick
 
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass

@@ -1,6 +1,6 @@
 """
 MemFlex (Tian et al. 2024, "To Forget or Not? Towards Practical Knowledge Unlearning for LLMs", KnowUnDo): locate
-the weight matrices that hold the forget set by gradients, then unlearn there only (SPEC §3).
+the weight matrices that hold the forget set by gradients, then unlearn there only.
 
 $ python unlearn_memflex.py                     # memflex
 $ python unlearn_memflex.py --mu 0.95           # select more matrices
@@ -26,9 +26,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch.nn import functional as F
 
-from data.prepare import check_range
-from model import cli
-from unlearn_ga import RetainConfig, UnlearnConfig, block_grads, ce_loss, load_target, save_result, unlearn, xy
+from settings import check_range, cli
+from unlearn import RetainConfig, UnlearnConfig, block_grads, ce_loss, load_target, save_result, unlearn, xy
 
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass

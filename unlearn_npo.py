@@ -1,6 +1,6 @@
 """
 Unlearning by Negative Preference Optimization (NPO; Zhang et al. 2024, arXiv 2404.05868), with the same loop,
-retain terms and SURE switch as unlearn_ga.py (SPEC §3).
+retain terms and SURE switch as unlearn_ga.py (unlearn.py holds them).
 
 $ python unlearn_npo.py                          # npo
 $ python unlearn_npo.py --retain gdr             # npo_gdr:      + alpha * CE(D_r)
@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from data.prepare import check_range
-from model import cli
-from unlearn_ga import RetainConfig, UnlearnConfig, load_target, method_name, save_result, unlearn, xy
+from settings import check_range, cli
+from unlearn import RetainConfig, UnlearnConfig, load_target, method_name, save_result, unlearn, xy
 
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass

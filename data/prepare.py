@@ -1,5 +1,5 @@
 """
-The corpora of nanoUnlearn, built from one seed and tokenized once (SPEC §1).
+The corpora of nanoUnlearn, built from one seed and tokenized once (README, "Data").
 
 Three kinds of memorized text, each split into forget / retain / holdout (holdout is never trained on):
   secrets  synthetic account records; each one is seen `reps` times in training, reps in {1,4,16,64,128},
@@ -19,7 +19,6 @@ Writes out/data/meta.json and out/data/tokens.npy; the same settings give byte-i
 """
 import io
 import json
-import os
 import random
 import subprocess
 import sys
@@ -31,6 +30,10 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project root, also when run as a script
+from model import atomic_write_bytes  # noqa: E402
+from settings import check_range, cli  # noqa: E402
 
 BOOKS_DIR = Path(__file__).parent / "books"
 SPLITS = ("forget", "retain", "holdout")
@@ -231,7 +234,7 @@ def build(cfg):
     rng, enc = random.Random(cfg.data_seed), encoder()
     T = cfg.seq_len
     reps = [int(r) for r in cfg.secret_reps.split(",")]
-    seqs, qa, texts_seen = [], [], set()
+    seqs, qa = [], []
 
     def add(split, kind, prompt, rest, r):
         p, ids = enc.encode(prompt), enc.encode(prompt + rest)
@@ -301,36 +304,6 @@ def build(cfg):
     return meta, tokens
 
 
-def check_range(cfg, **valid):
-    """Refuses a setting out of its range before anything runs, naming the range: valid maps a field of the
-    settings dataclass cfg to '> X', '>= X' or 'LO..HI' (inclusive). The settings classes call it from
-    __post_init__; model.cli turns the ValueError into a usage message."""
-    for name, rule in valid.items():
-        v = getattr(cfg, name)
-        if ".." in rule:
-            lo, hi = map(float, rule.split(".."))
-            ok, say = lo <= v <= hi, f"in [{lo:g}, {hi:g}]"
-        else:
-            op, bound = rule.split()
-            ok, say = (v > float(bound)) if op == ">" else (v >= float(bound)), rule
-        if not ok:
-            raise ValueError(f"--{name} {v}: must be {say}")
-
-
-def atomic_write_bytes(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def load_data(cfg=None, out_dir="out"):
     """Returns the Data for cfg, building and caching it under out_dir/data when the cache is missing or stale."""
     cfg = cfg if isinstance(cfg, DataConfig) else DataConfig(**(cfg or {}))
@@ -353,7 +326,5 @@ def load_data(cfg=None, out_dir="out"):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent.parent))
-    from model import cli
     (cfg,) = cli(__doc__, DataConfig)
     load_data(cfg)

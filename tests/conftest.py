@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and immune to other processes on the same cores
 
 from data.prepare import DataConfig  # noqa: E402
-from model import TrainConfig  # noqa: E402
+from train import TrainConfig  # noqa: E402
 
 SYLLABLES = "ka lo mi ren tor vas bel qui dra sen mor fi lun gar ost pel zim har nu cal tesh ro vin dor a e i".split()
 FUNCTION = "the of and to a in that it was he she with as his her on at by for but not".split()
@@ -57,7 +57,7 @@ def tiny_configs(out_dir):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """out_dir with base.pt, target.pt, retrain.pt and train.json of a tiny model that memorizes its tiny sets."""
-    from model import train_all
+    from train import train_all
     out = tmp_path_factory.mktemp("tiny")
     cfg, dcfg = tiny_configs(out)
     summary = train_all(cfg, dcfg)

@@ -1,6 +1,6 @@
+"""quantize.py: each quantizer against its definition and a hand computation, GPTQ against the OBS loop and RTN,
+the packed checkpoint format, the command line."""
 import math
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -11,11 +11,9 @@ import torch
 
 import model as M
 import quantize as Q
-from conftest import prose
 from data.prepare import load_data
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # read when transformers is imported, below
 
 
 def gen(seed=0):
@@ -208,7 +206,7 @@ def test_quantized_checkpoint_is_small_and_loads_back(tmp_path, method, bits, lm
     M.save_checkpoint(tmp_path / "fp.pt", gpt, kind="target")
     layers = Q.quantized_layers(gpt, lm_head)
     windows = torch.randint(0, 256, (8, 64), generator=gen())
-    records = Q.quantize_model(gpt, method, bits, 0, True, windows, lm_head=lm_head)
+    records = Q.quantize_layers(gpt, layers, method, bits, 0, True, windows)
     quant = dict(method=method, bits=bits, group_size=0, sym=True)
     Q.save_quantized(tmp_path / "q.pt", gpt, records, {"kind": "target", "model_args": vars(gpt.config)}, quant)
     fbytes = sum(4 * layer.weight.numel() for layer in layers.values())
@@ -233,89 +231,6 @@ def test_relative_output_error_by_hand():
         layer.weight.data *= 0.9
         return "records"
     assert Q.output_error(layer, {"layer": layer}, x, shrink) == ("records", pytest.approx(0.01))
-
-
-def tiny_hf(tmp_path, arch, with_tokenizer=True):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              PreTrainedTokenizerFast)
-    text = prose(1200, 3)
-    (tmp_path / "text.txt").write_text(text)
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
-    V = tok.get_vocab_size()
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2))
-    else:
-        hf = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
-    hf.save_pretrained(tmp_path / arch)
-    if with_tokenizer:
-        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / arch)
-    return tmp_path / arch, tmp_path / "text.txt"
-
-
-def second_half_and_T(path, text):
-    """What main_hf scores: the second half of the text's tokens, in windows of T."""
-    from transformers import AutoTokenizer
-    ids = torch.tensor(AutoTokenizer.from_pretrained(path)(text.read_text())["input_ids"])
-    return ids[len(ids) // 2:], min(512, 64, len(ids) // 2 - 1)
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_hf_rtn_equals_quantizing_every_linear_by_hand(tmp_path, arch):
-    """main_hf's perplexities are those of the model before, and of the model whose Linear (GPT-2: Conv1D) weights
-    but the output head are replaced by Q.rtn's, on the second half of the text."""
-    from transformers import AutoModelForCausalLM
-    path, text = tiny_hf(tmp_path, arch)
-    before, after = Q.main_hf(Q.QuantConfig(hf=str(path), text=str(text), method="rtn", bits=3, group_size=16))
-    hf = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids, T = second_half_and_T(path, text)
-    assert before == pytest.approx(Q.hf_perplexity(hf, ids, T), rel=1e-6)
-    head, n = hf.get_output_embeddings(), 0
-    with torch.no_grad():
-        for m in hf.modules():
-            if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and m is not head:
-                W = Q.weight_view(m)
-                W.copy_(Q.dequantize(*Q.rtn(W.float(), 3, 16)))
-                n += 1
-    assert n == (14 if arch == "llama" else 8)
-    assert after == pytest.approx(Q.hf_perplexity(hf, ids, T), rel=1e-6) and after != before
-
-
-def test_hf_gptq_calibrates_on_the_first_half_only(tmp_path, monkeypatch):
-    path, text = tiny_hf(tmp_path, "llama")
-    seen = []
-    windows = Q.calibration_windows
-    monkeypatch.setattr(Q, "calibration_windows", lambda stream, *a: seen.append(stream) or windows(stream, *a))
-    Q.main_hf(Q.QuantConfig(hf=str(path), text=str(text), method="gptq", bits=4, nsamples=8, group_size=32))
-    (calib,) = seen  # one stream of calibration windows: the first half; main_hf scores the second
-    from transformers import AutoTokenizer
-    ids = torch.tensor(AutoTokenizer.from_pretrained(path)(text.read_text())["input_ids"])
-    assert torch.equal(calib, ids[:len(ids) // 2])
-
-
-def test_hf_without_tokenizer_is_refused(tmp_path):
-    path, text = tiny_hf(tmp_path, "gpt2", with_tokenizer=False)
-    with pytest.raises(SystemExit, match="tokenizer"):
-        Q.main_hf(Q.QuantConfig(hf=str(path), text=str(text), method="rtn"))
-
-
-def test_blockwise_gptq_equals_running_the_whole_model_per_layer():
-    """quantize_model's cached block inputs give each layer the inputs it gets in the full model with every
-    earlier layer already quantized (what quantize_layers does by re-running the model for each layer)."""
-    torch.manual_seed(0)
-    a = M.GPT(M.GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-    b = M.GPT(M.GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-    b.load_state_dict(a.state_dict())
-    windows = torch.randint(0, 64, (16, 64), generator=gen())
-    ra = Q.quantize_model(a, "gptq", 4, 16, False, windows, lm_head=True)
-    rb = Q.quantize_layers(b, Q.quantized_layers(b, lm_head=True), "gptq", 4, 16, False, windows)
-    assert list(ra) == list(rb) == list(M.block_linears(a)) + ["lm_head"]
-    for k, v in a.state_dict().items():
-        assert torch.allclose(v, b.state_dict()[k], atol=1e-6), k
 
 
 def test_gptq_beats_rtn_on_every_layer_of_the_tiny_target_on_real_text(tiny):

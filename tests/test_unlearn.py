@@ -1,5 +1,6 @@
 """The unlearning methods: each loss and selection pinned by a hand computation, the masks shown to leave every
 other weight bit-identical, and every method shown to lower forget MA on the tiny setup."""
+import importlib
 import json
 import math
 import shutil
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import task_arithmetic as ta
+import unlearn as U
 import unlearn_ga as ga
 import unlearn_memflex as mf
 import unlearn_npo as npo
@@ -53,7 +55,7 @@ def test_seq_logprob_is_the_sum_of_real_token_logprobs():
 
 def test_npo_gradient_points_as_ga_as_beta_goes_to_zero():
     model, seqs, _ = toy()
-    ref = ga.frozen(model)
+    ref = U.frozen(model)
     with torch.no_grad():  # move away from the reference so log pi_theta - log pi_ref differs per sequence
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -74,11 +76,11 @@ def test_kl_hand_value_nonnegative_and_zero_at_reference():
     ref = torch.tensor([[[0.0, math.log(3)], [5.0, -5.0]]])
     cur = torch.tensor([[[1.0, 1.0], [-5.0, 5.0]]])
     mask = torch.tensor([[True, False]])  # the second position is padding
-    assert ga.kl_loss(ref, cur, mask).item() == pytest.approx(0.1308120, abs=1e-6)
+    assert U.kl_loss(ref, cur, mask).item() == pytest.approx(0.1308120, abs=1e-6)
     torch.manual_seed(0)
     a, b, m = torch.randn(4, 8, 50), torch.randn(4, 8, 50), torch.rand(4, 8) < 0.7
-    assert ga.kl_loss(a, b, m).item() > 0
-    assert ga.kl_loss(a, a.clone(), m).item() == 0.0
+    assert U.kl_loss(a, b, m).item() > 0
+    assert U.kl_loss(a, a.clone(), m).item() == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,10 +88,10 @@ def test_kl_hand_value_nonnegative_and_zero_at_reference():
 
 def test_sure_mask_is_the_top_share_by_saliency():
     sal = {f"w{i}": float(i) for i in range(1, 17)}  # P90 of 1..16 = 1 + 0.9*15 = 14.5
-    assert ga.sure_mask(sal, 90) == {"w15", "w16"}
-    assert ga.sure_mask(sal, 0) == set(sal)
+    assert U.sure_mask(sal, 90) == {"w15", "w16"}
+    assert U.sure_mask(sal, 0) == set(sal)
     with pytest.raises(ValueError):
-        ga.sure_mask(sal, 120)
+        U.sure_mask(sal, 120)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -97,9 +99,9 @@ def test_sure_moves_only_its_mask(dtype):
     model, seqs, data = toy()
     model.to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sal = ga.saliency(model, seqs, ga.ga_loss)
-    cfg, rcfg = ga.UnlearnConfig(steps=5, batch_size=4, lr=1e-3), ga.RetainConfig("gdr", sure=True, sure_gamma=75)
-    model, stats = ga.unlearn(model, data, ga.ga_loss, cfg, rcfg)
+    sal = U.saliency(model, seqs, ga.ga_loss)
+    cfg, rcfg = U.UnlearnConfig(steps=5, batch_size=4, lr=1e-3), U.RetainConfig("gdr", sure=True, sure_gamma=75)
+    model, stats = U.unlearn(model, data, ga.ga_loss, cfg, rcfg)
     mask = set(stats["trained"])
     assert mask == set(sorted(sal, key=sal.get)[-len(mask):]) and len(mask) == 2  # top 25% of 8 matrices
     assert stats["lr"] == pytest.approx(1e-2)
@@ -157,8 +159,8 @@ def test_memflex_randomizes_only_answer_tokens_and_leaves_unselected_bit_identic
     assert 0.2 < changed.float().sum() / (seqs.length - seqs.prefix).sum() < 0.6  # ~half (a few redraw the same id)
     mask = {"transformer.h.1.mlp.c_fc", "transformer.h.0.attn.c_proj"}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model, _ = ga.unlearn(model, data, ga.ga_loss, ga.UnlearnConfig(steps=4, batch_size=4, lr=1e-3),
-                          ga.RetainConfig("gdr", 2.0), mask=mask)
+    model, _ = U.unlearn(model, data, ga.ga_loss, U.UnlearnConfig(steps=4, batch_size=4, lr=1e-3),
+                          U.RetainConfig("gdr", 2.0), mask=mask)
     for k, v in model.state_dict().items():
         assert (not torch.equal(v, before[k])) == (k.removesuffix(".weight") in mask), k
 
@@ -202,20 +204,13 @@ def test_memflex_localizes_with_randomized_forget_and_retain_gradients(tiny, tin
 def test_nan_loss_stops_with_the_step_and_the_loss():
     model, seqs, data = toy()
     with pytest.raises(SystemExit, match="step 0: the forget loss is nan"):
-        ga.unlearn(model, data, lambda m, s: ga.ga_loss(m, s) * float("nan"), ga.UnlearnConfig(steps=2))
+        U.unlearn(model, data, lambda m, s: ga.ga_loss(m, s) * float("nan"), U.UnlearnConfig(steps=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # every method, through its command line, on the tiny target
 
-METHODS = {  # SPEC §9 name -> script and flags
-    "ga": (ga, []), "ga_gdr": (ga, ["--retain", "gdr"]), "ga_klr": (ga, ["--retain", "klr"]),
-    "npo": (npo, []), "npo_gdr": (npo, ["--retain", "gdr"]), "npo_klr": (npo, ["--retain", "klr"]),
-    "ga_gdr_sure": (ga, ["--retain", "gdr", "--sure"]), "ga_klr_sure": (ga, ["--retain", "klr", "--sure"]),
-    "npo_gdr_sure": (npo, ["--retain", "gdr", "--sure"]), "npo_klr_sure": (npo, ["--retain", "klr", "--sure"]),
-    "sga": (ga, ["--selective"]), "ta": (ta, []), "tau": (ta, ["--tau"]),
-    "memflex": (mf, ["--mu", "0.9", "--sigma", "0"]),  # the default thresholds are scaled to the default model
-}
+FLAGS = {"memflex": ["--mu", "0.9", "--sigma", "0"]}  # the default thresholds are scaled to the default model
 
 
 @pytest.fixture(scope="module")
@@ -227,10 +222,11 @@ def tiny_target(tiny, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", U.METHODS)
 def test_every_method_lowers_forget_ma_on_the_tiny_setup(tiny, tiny_target, method):
-    script, flags = METHODS[method]
-    metrics = script.main(["--out_dir", str(tiny_target), "--steps", "5", "--lr", "3e-4"] + flags)
+    module, *flags = U.METHODS[method].split()
+    metrics = importlib.import_module(module).main(["--out_dir", str(tiny_target), "--steps", "5", "--lr", "3e-4",
+                                                    *flags, *FLAGS.get(method, [])])
     saved = json.loads((tiny_target / f"{method}.json").read_text())
     assert saved["method"] == method and saved["forget_ma"] == metrics["forget_ma"]
     assert saved["forget_ma"] < tiny.summary["target"]["forget_ma"]

@@ -1,0 +1,127 @@
+"""
+The study's figures 1-5, drawn from a results dict (out/results.json) alone, each written atomically:
+  1 forget VerbMem and KnowMem per precision    2 retained knowledge %, full precision vs 4-bit
+  3 forget quality against utility              4 memorization accuracy per sequence, with finding 2's bands
+  5 the mechanism: |δ|/Δ and the share of moved weights that round back
+
+$ python figures.py                  # redraws figures/1-5 from out/results.json
+"""
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from model import atomic_write_bytes
+from unlearn import METHODS
+
+
+def save_png(fig, path):
+    """Writes a matplotlib figure to path as a PNG, atomically, and closes it; returns the path."""
+    import matplotlib.pyplot as plt  # the callers have chosen the Agg backend
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def figures(results, fig_dir="figures"):
+    """Draws the figures into fig_dir, each written atomically; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, precs, models = results["rows"], results["meta"]["precisions"], results["meta"]["models"]
+    by = {(r["model"], r["precision"]): r for r in rows}
+    val = lambda m, p, k: np.nan if by[m, p].get(k) is None else by[m, p][k]
+    methods = [m for m in models if m in METHODS]
+    color = {"target": "black", "retrain": "grey", **{m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}}
+    low = next((p for p in precs if p.endswith("4")), precs[-1])  # the 4-bit precision of figures 3 and 4
+    both, paths = list(dict.fromkeys(["fp32", low])), []
+
+    def save(fig, name):
+        paths.append(save_png(fig, Path(fig_dir) / name))
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")  # 1. recovery curves
+    for ax, k, title in zip(axes, ("verbmem_forget", "knowmem_forget"), ("VerbMem on D_f", "KnowMem on D_f")):
+        for m in models:
+            ax.plot(precs, [val(m, p, k) for p in precs], marker="o", color=color[m], label=m,
+                    lw=2.5 if m in ("target", "retrain") else 1.2, ls="--" if m == "retrain" else "-")
+        ax.set(title=title, xlabel="precision", ylabel="ROUGE-L F1 × 100")
+    axes[1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle("1. Does quantization bring the forgotten text back?")
+    save(fig, "1_recovery.png")
+
+    shown = [p for p in precs if p == "fp32" or p.endswith("4")]  # 2. retained %, full precision vs 4-bit
+    groups = methods + [g for g in ("constrained", "sure") if any(g in results["retained"].get(p, {}) for p in shown)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.9 * len(groups)), 7), sharex=True, layout="constrained")
+    x, w = np.arange(len(groups)), 0.8 / len(shown)
+    for ax, k in zip(axes, ("verbmem_forget", "knowmem_forget")):
+        for j, p in enumerate(shown):
+            mean = results["retained"].get(p, {})
+            ys = [val(m, p, f"retained_{k}") for m in methods] + [
+                np.nan if mean.get(g, {}).get(k) is None else mean[g][k] for g in groups[len(methods):]]
+            ax.bar(x + (j - (len(shown) - 1) / 2) * w, ys, w, label=p)
+        ax.axhline(100, color="black", lw=0.6)
+        ax.set(ylabel=f"retained {k.split('_')[0]} %")
+    axes[0].legend(fontsize=8, ncol=len(shown))
+    label = {"constrained": "mean of *_gdr, *_klr", "sure": "mean of *_sure"}
+    axes[1].set_xticks(x, [label.get(g, g) for g in groups], rotation=35, ha="right")
+    fig.suptitle("2. Retained knowledge: metric(unlearned, p) / metric(target, p) × 100")
+    save(fig, "2_retained.png")
+
+    fig, axes = plt.subplots(1, len(both), figsize=(6.5 * len(both), 4.8), squeeze=False,
+                             layout="constrained")  # 3. forget quality against utility
+    for ax, p in zip(axes[0], both):
+        for m in models:
+            xy = val(m, p, "knowmem_retain"), val(m, p, "verbmem_forget")
+            ax.scatter(*xy, color=color[m], marker="*" if m in ("target", "retrain") else "o", s=60)
+            ax.annotate(m, xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(title=p, xlabel="KnowMem on D_r (utility: higher is better)",
+               ylabel="VerbMem on D_f (forgetting: lower is better)")
+    fig.suptitle("3. Forget quality against utility")
+    save(fig, "3_forget_vs_utility.png")
+
+    rng = np.random.default_rng(0)  # 4. per-sequence MA, with the fixed outlier bands of finding 2
+    fig, axes = plt.subplots(len(both), 1, figsize=(max(8.0, 0.6 * len(models) + 2), 3.8 * len(both)),
+                             squeeze=False, layout="constrained")
+    for ax, p in zip(axes[:, 0], both):
+        cols = [("holdout\n(target)", by["target", p]["holdout_ma_seq"])] + [(m, by[m, p]["forget_ma_seq"])
+                                                                               for m in models]
+        ax.axhspan(0, 0.15, color="tab:red", alpha=0.12, label="MA ≤ 0.15: over-unlearned")
+        ax.axhspan(0.60, 1.02, color="tab:blue", alpha=0.08, label="MA ≥ 0.60: still memorized")
+        for i, (m, ma) in enumerate(cols):
+            ax.scatter(i + rng.uniform(-0.25, 0.25, len(ma)), ma, s=7, color=color.get(m, "tab:green"), alpha=0.7)
+            ax.hlines(np.mean(ma), i - 0.35, i + 0.35, color="black")
+        ax.set_xticks(range(len(cols)), [c[0] for c in cols], rotation=35, ha="right", fontsize=8)
+        ax.set(ylim=(-0.02, 1.02), ylabel="MA per forget sequence", title=f"{p} (bar: mean)")
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("4. Memorization accuracy per sequence")
+    save(fig, "4_ma_distributions.png")
+
+    mech = [p for p in precs if any(by[m, p].get("mech_hist") for m in methods)]  # 5. the mechanism
+    if mech:
+        hp = low if low in mech else mech[0]
+        fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), layout="constrained")
+        edges = ["0", "1/8", "1/4", "1/2", "1", "2", "∞"]
+        bins = [f"[{a}, {b})" for a, b in zip(edges, edges[1:])]
+        for m in methods:
+            share = [h or np.nan for h in by[m, hp]["mech_hist"]]  # empty bins left out of the log scale
+            axes[0].plot(bins, share, marker="o", color=color[m], label=m)
+        axes[0].set(yscale="log", xlabel=f"|δ| / Δ at {hp} (δ = θ_u − θ_o, Δ the target's step)",
+                    ylabel="share of quantized weights")
+        axes[0].legend(fontsize=7, ncol=2)
+        x, w = np.arange(len(methods)), 0.8 / len(mech)
+        for j, p in enumerate(mech):
+            axes[1].bar(x + (j - (len(mech) - 1) / 2) * w, [val(m, p, "mech_same_moved") for m in methods], w, label=p)
+        axes[1].set_xticks(x, methods, rotation=35, ha="right")
+        axes[1].set(ylim=(0, 1), ylabel="moved weights that round back\nto the target's code")
+        axes[1].legend(fontsize=8)
+        fig.suptitle("5. Do the unlearning updates survive rounding?")
+        save(fig, "5_mechanism.png")
+    return paths
+
+
+if __name__ == "__main__":
+    figures(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "out/results.json").read_text()))
