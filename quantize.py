@@ -238,63 +238,55 @@ def weight_view(layer):
     return layer.weight.data.T if type(layer).__name__ == "Conv1D" else layer.weight.data
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
-def layer_inputs(model, layers, windows, fn, stop=False, batch_size=16):
-    """Runs the windows through the model and calls fn(name, X) with each layer's inputs X (n, in); with stop, the
-    forward pass ends at the (single) layer, as nothing after it is needed."""
+def layer_inputs(model, layers, windows, fn, batch_size=16):
+    """Runs the windows through the model and calls fn(name, X) with each layer's inputs X (n, in)."""
     def hook(name):
-        def f(mod, args):
+        def f(mod, args):  # returns None: a pre-hook that returned something would replace the layer's inputs
             fn(name, args[0].reshape(-1, args[0].shape[-1]).float())
-            if stop:
-                raise _Stop
         return f
     hooks = [layer.register_forward_pre_hook(hook(n)) for n, layer in layers.items()]
     dev = next(model.parameters()).device
     try:
         for x in windows.split(batch_size):
-            try:
-                model(x.to(dev))
-            except _Stop:
-                pass
+            model(x.to(dev))
     finally:
         for h in hooks:
             h.remove()
 
 
-def hessian(model, name, layer, windows):
-    """H = 2XXᵀ/n over the n calibration tokens that reach the layer: the Hessian of ‖WX - QX‖²/n (GPTQ Eq. 1)."""
-    k = weight_view(layer).shape[1]
-    H, n = torch.zeros(k, k, device=layer.weight.device), [0]
-
-    def add(_, X):
-        H.addmm_(X.T, X, alpha=2)
-        n[0] += len(X)
-    layer_inputs(model, {name: layer}, windows, add, stop=True)
-    if not n[0]:
-        raise ValueError(f"{name}: the calibration forward pass never reached this layer")
-    return H / n[0]
-
-
 @torch.no_grad()
 def quantize_layers(model, layers, method, bits=4, group_size=0, sym=True, windows=None, actorder=False,
                     absmax=False):
-    """Quantizes the layers (name -> nn.Linear or Conv1D) in forward order, replacing each weight by its dequantized
-    value; returns name -> record. GPTQ takes layer l's Hessian from the windows run through the model whose layers
-    before l are already quantized."""
+    """Quantizes the layers (name -> nn.Linear or Conv1D), replacing each weight by its dequantized value; returns
+    name -> record. GPTQ is sequential, as the reference's true-sequential mode: layer l's Hessian H = 2XXᵀ/n comes
+    from its inputs X with every layer before it already quantized. One forward pass of all the calibration windows
+    does it: a hook on each layer takes X as the pass reaches the layer, quantizes the weight there, and the layer
+    then runs quantized, so the layers after it see quantized inputs. (All windows form one batch: H needs every
+    token before the layer is quantized.)"""
     check(method, bits)
-    if method == "gptq" and windows is None:
-        raise ValueError("gptq needs calibration windows")
     records = {}
-    for name, layer in layers.items():
-        H = hessian(model, name, layer, windows) if method == "gptq" else None
-        W = weight_view(layer)
-        Q, records[name] = quantize_weight(W.float(), method, bits, group_size, sym, H, actorder, absmax)
+    if method != "gptq":
+        for name, layer in layers.items():
+            W = weight_view(layer)
+            Q, records[name] = quantize_weight(W.float(), method, bits, group_size, sym, None, actorder, absmax)
+            W.copy_(Q)
+        return records
+    if windows is None:
+        raise ValueError("gptq needs calibration windows")
+
+    def quantize_here(name, X):
+        if name in records:  # a layer called twice in one forward pass is quantized at its first call
+            return
+        W = weight_view(layers[name])
+        Q, records[name] = quantize_weight(W.float(), method, bits, group_size, sym, 2 * X.T @ X / len(X), actorder,
+                                           absmax)
         W.copy_(Q)
-    return records
+    layer_inputs(model, layers, windows, quantize_here, batch_size=len(windows))
+    missing = [n for n in layers if n not in records]
+    if missing:
+        raise ValueError(f"{missing[0]}: the calibration forward pass never reached this layer")
+    return {n: records[n] for n in layers}
 
 
 def quantized_layers(model, lm_head=False):

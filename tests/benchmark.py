@@ -4,6 +4,7 @@ README. Not a test (pytest does not collect it): it takes minutes.
 
 $ python tests/benchmark.py                       # everything
 $ python tests/benchmark.py --only model,tests    # a subset: model, unlearn, quantize, evaluate, tests
+$ python tests/benchmark.py --quantizers out      # the quantizer table: each quantizer on out/target.pt
 """
 import argparse
 import os
@@ -27,10 +28,54 @@ def run(cmd):
     return time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
+QUANTIZERS = [  # (row of the README's quantizer table, QuantConfig settings)
+    ("RTN int8, LLM.int8's grid, per channel", dict(bits=8, absmax=True)),
+    ("RTN int4, Eq. 2, per channel", dict(bits=4)),
+    ("RTN int4, asym, group 32", dict(bits=4, group_size=32, sym=False)),
+    ("RTN int3, per channel", dict(bits=3)),
+    ("RTN int2, asym, group 32", dict(bits=2, group_size=32, sym=False)),
+    ("GPTQ 8-bit", dict(method="gptq", bits=8)),
+    ("GPTQ 4-bit, per channel", dict(method="gptq", bits=4)),
+    ("GPTQ 4-bit, asym, group 32", dict(method="gptq", bits=4, group_size=32, sym=False)),
+    ("GPTQ 3-bit", dict(method="gptq", bits=3)),
+    ("GPTQ 2-bit, asym, group 32", dict(method="gptq", bits=2, group_size=32, sym=False)),
+    ("NF4 (block 64)", dict(method="nf4")),
+    ("FP4 (block 64)", dict(method="fp4"))]
+
+
+def quantizer_table(out_dir):
+    """Each quantizer on out_dir/target.pt: its seconds, its mean relative output error on held-out general text,
+    and the change of held-out perplexity, as a markdown table."""
+    import copy
+    sys.path.insert(0, str(ROOT))
+    import model as M
+    import quantize as Q
+    from data.prepare import load_data
+    target, ckpt = M.load_checkpoint(Path(out_dir) / "target.pt")
+    data = load_data(ckpt["data"], out_dir)
+    ppl = M.perplexity(target, data.general_val)
+    print(f"perplexity at full precision {ppl:.1f}, {torch_threads()} thread(s)\n\n| quantizer | seconds | rel. output "
+          f"error | perplexity change |\n|---|---|---|---|")
+    for name, kw in QUANTIZERS:
+        model = copy.deepcopy(target)
+        _, quant = Q.quantize_with(model, Q.QuantConfig(**kw), data)
+        print(f"| {name} | {quant['seconds']:.2f} | {quant['rel_output_error']:.1e} | "
+              f"{M.perplexity(model, data.general_val) - ppl:+.2f} |")
+
+
+def torch_threads():
+    import torch
+    return torch.get_num_threads()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="model,unlearn,quantize,evaluate,tests")
-    only = ap.parse_args().only.split(",")
+    ap.add_argument("--quantizers", metavar="OUT_DIR", help="print the quantizer table of OUT_DIR/target.pt")
+    args = ap.parse_args()
+    if args.quantizers:
+        return quantizer_table(args.quantizers)
+    only = args.only.split(",")
     out = Path(tempfile.mkdtemp(prefix="nanounlearn-bench-"))
     py, o = sys.executable, ["--out_dir", str(out)]
     steps = {

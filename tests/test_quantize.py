@@ -237,8 +237,10 @@ def test_gptq_beats_rtn_on_every_layer_of_the_tiny_target_on_real_text(tiny):
     gpt, ckpt = M.load_checkpoint(tiny.out_dir / "target.pt")
     data = load_data(ckpt["data"], tiny.out_dir)
     windows = Q.calibration_windows(data.general_train, 32, gpt.config.block_size, 0)
-    for name, layer in Q.quantized_layers(gpt).items():
-        H = Q.hessian(gpt, name, layer, windows)  # inputs of the full-precision model
+    layers, X = Q.quantized_layers(gpt), {}
+    Q.layer_inputs(gpt, layers, windows, X.setdefault, batch_size=len(windows))  # the full-precision model's inputs
+    for name, layer in layers.items():
+        H = 2 * X[name].T @ X[name] / len(X[name])
         W = layer.weight.data
         err = lambda Wq: torch.trace((W - Wq) @ H @ (W - Wq).T)  # = 2‖(W - Q)X‖²/n
         assert err(Q.quantize_weight(W, "gptq", 4, H=H)[0]) < err(Q.quantize_weight(W, "rtn", 4)[0]), name
