@@ -20,7 +20,6 @@ import concurrent.futures
 import contextlib
 import copy
 import csv
-import hashlib
 import importlib
 import io
 import json
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import durability
 import figures
 import metrics
 import model as M
@@ -69,11 +69,12 @@ class StudyConfig:
     seed: int = 1337  # training, unlearning, and GPTQ's calibration windows
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     workers: int = 0  # processes running methods and measurements side by side; 0 = one per CPU core up to 4
-    el_stride: int = 8  # EL_10 starts at t = 1, 1+stride, ... and is measured at fp32 only (0 = not at all)
+    el_stride: int = 16  # EL_10 starts at t = 1, 1+stride, ... and is measured at fp32 only (0 = not at all)
     top_k: int = 10  # the likelihood-ranked extraction attack extracts the k likeliest forget sequences
     dtype: str = "float32"  # weights of the unlearning runs, float32 | bfloat16 (pure); target/retrain measured in it
     unlearn_args: str = ""  # more settings for every unlearning script, e.g. "--lr 1e-4 --steps 100"
     seeds: str = ""  # comma list, e.g. 1337,1338,1339: the study at each seed -> out/seeds.json, mean ± sd
+    durability: bool = False  # then relearning attacks on every model and the durability card (durability.py)
 
     def __post_init__(self):
         check_range(self, workers=">= 0", el_stride=">= 0", top_k=">= 1")
@@ -96,12 +97,6 @@ def logged(log, fn, *args):
         return fn(*args)
 
 
-def digest(path):
-    """A short hash of a file's bytes (None if it is missing): what the caches are keyed on."""
-    path = Path(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
-
-
 def command(cfg, name):
     """The command line that makes out_dir/<name>.pt: the method's script with the study's out_dir, seed, device,
     dtype and unlearn_args."""
@@ -118,7 +113,7 @@ def made(cfg, name):
         rec = json.loads((out / "runs" / f"{name}.json").read_text())
     except (OSError, ValueError):
         return None
-    now = dict(command=command(cfg, name), target=digest(out / "target.pt"), result=digest(out / f"{name}.pt"))
+    now = dict(command=command(cfg, name), target=M.digest(out / "target.pt"), result=M.digest(out / f"{name}.pt"))
     return rec if rec == now else None
 
 
@@ -127,7 +122,7 @@ def run_method(cfg, name):
     out/runs/<name>.json and returns the seconds it took."""
     module, *argv = command(cfg, name)
     out, t = Path(cfg.out_dir), time.time()
-    log, target = out / "logs" / f"{name}.log", digest(out / "target.pt")
+    log, target = out / "logs" / f"{name}.log", M.digest(out / "target.pt")
 
     def run():
         print(shlex.join(["python", module, *argv]), flush=True)
@@ -137,7 +132,7 @@ def run_method(cfg, name):
     except SystemExit as e:
         raise SystemExit(f"{name} (python {module}.py {shlex.join(argv)}) failed: {e}\nits log: {log}") from None
     M.write_json(out / "runs" / f"{name}.json", dict(command=[module, *argv], target=target,
-                                                     result=digest(out / f"{name}.pt")))
+                                                     result=M.digest(out / f"{name}.pt")))
     return time.time() - t
 
 
@@ -154,7 +149,7 @@ def row_key(cfg, name, prec):
     """What a row depends on: the model's and the target's checkpoint (hashes) and the settings that measure it."""
     out = Path(cfg.out_dir)
     quant = PRECISIONS[prec] and asdict(replace(PRECISIONS[prec], seed=cfg.seed))
-    return dict(model=digest(out / f"{name}.pt"), target=digest(out / "target.pt"), quant=quant, dtype=cfg.dtype,
+    return dict(model=M.digest(out / f"{name}.pt"), target=M.digest(out / "target.pt"), quant=quant, dtype=cfg.dtype,
                 el_stride=cfg.el_stride, top_k=cfg.top_k)
 
 
@@ -194,6 +189,25 @@ def measure_model(cfg, name, precisions):
                         seconds=dict(quantize=quant.get("seconds", 0.0), total=round(time.time() - t, 2))))
         M.write_json(out / "rows" / f"{name}_{p}.json", res[-1])
     return res
+
+
+def run_and_measure(pool, cfg, run, todo):
+    """Yields ("method", name, seconds) and ("rows", name, rows) as the jobs finish: the methods to run, and the rows
+    of every model, a method's as soon as it has run (so no worker waits for the slowest method)."""
+    if pool is None:
+        yield from (("method", m, run_method(cfg, m)) for m in run)
+        yield from (("rows", n, measure_model(cfg, n, ps)) for n, ps in todo.items() if ps)
+        return
+    rows = lambda n: pool.submit(measure_model, cfg, n, todo[n])
+    pending = {pool.submit(run_method, cfg, m): ("method", m) for m in run}
+    pending.update({rows(n): ("rows", n) for n, ps in todo.items() if ps and n not in run})
+    while pending:
+        done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        for f in done:
+            kind, name = pending.pop(f)
+            if kind == "method" and todo[name]:
+                pending[rows(name)] = ("rows", name)
+            yield kind, name, f.result()
 
 
 def jobs(pool, fn, args):
@@ -262,7 +276,7 @@ def write_csv(path, rows):
 
 
 def main(argv=None):
-    (cfg,) = cli(__doc__, StudyConfig, argv=argv)
+    cfg, rcfg = cli(__doc__, StudyConfig, durability.RelearnConfig, argv=argv)
     if cfg.seeds:
         return over_seeds(cfg, sys.argv[1:] if argv is None else argv)
     M.weight_dtype(cfg.dtype)  # refuses an unknown one before anything runs
@@ -288,12 +302,15 @@ def main(argv=None):
     pool = None if workers == 1 else concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,))
     try:
-        for (_, m), s in jobs(pool, run_method, [(cfg, m) for m in run]):
-            seconds.setdefault("methods", {})[m] = progress.done("method", f"{m} -> {out / m}.pt", s)
         t_rows = time.time()
-        for (_, name, _), res in jobs(pool, measure_model, [(cfg, n, ps) for n, ps in todo.items() if ps]):
-            progress.done("row", f"{name} at {', '.join(c['row']['precision'] for c in res)}",
-                          sum(c["seconds"]["total"] for c in res), len(res))
+        for kind, name, res in run_and_measure(pool, cfg, run, todo):
+            if kind == "method":
+                seconds.setdefault("methods", {})[name] = progress.done("method", f"{name} -> {out / name}.pt", res)
+            else:
+                progress.done("row", f"{name} at {', '.join(c['row']['precision'] for c in res)}",
+                              sum(c["seconds"]["total"] for c in res), len(res))
+        curves = {name: res for (_, _, name), res in jobs(pool, durability.relearn_model,
+                                                          [(cfg, rcfg, n) for n in models if cfg.durability])}
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -316,6 +333,11 @@ def main(argv=None):
                 machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(), device=dev, workers=workers,
                              torch_threads=torch.get_num_threads()))
     results = plain(dict(meta=meta, retained=summary, rows=rows))
+    if cfg.durability:
+        results["durability"] = plain(dict(settings=asdict(rcfg), curves={n: curves[n] for n in models},
+                                           card=durability.card(rows, {n: curves[n] for n in models}, precisions[1:])))
+        M.write_json(out / "durability.json", results["durability"])
+        write_csv(out / "durability.csv", [dict(model=n, **r) for n, r in results["durability"]["card"].items()])
     t = time.time()
     paths = figures.figures(results, cfg.fig_dir) if cfg.fig_dir else []
     seconds.update(figures=round(time.time() - t, 2), total=round(time.time() - t_start, 2),
@@ -355,6 +377,9 @@ def over_seeds(cfg, argv):
     meta = dict(seeds=seeds, seconds=round(time.time() - t0, 1), precisions=runs[0]["meta"]["precisions"],
                 machine=runs[0]["meta"]["machine"], settings=runs[0]["meta"]["settings"])
     results = plain(dict(meta=meta, retained=retained, rows=rows))
+    if "durability" in runs[0]:
+        cards = [run["durability"]["card"] for run in runs]
+        results["durability"] = {n: {k: mean_sd([c[n][k] for c in cards]) for k in r} for n, r in cards[0].items()}
     M.write_json(Path(cfg.out_dir) / "seeds.json", results)
     print(f"\nTable 1 over seeds {seeds} (mean ± sample sd)")
     report(results)

@@ -3,6 +3,7 @@ The study's figures 1-5, drawn from a results dict (out/results.json) alone, eac
   1 forget VerbMem and KnowMem per precision    2 retained knowledge %, full precision vs 4-bit
   3 forget quality against utility              4 memorization accuracy per sequence, with finding 2's bands
   5 the mechanism: |δ|/Δ and the share of moved weights that round back
+  7 the durability card (with evaluate.py --durability): relearning curves, Q and R per model
 
 $ python figures.py                  # redraws figures/1-5 from out/results.json
 """
@@ -120,7 +121,35 @@ def figures(results, fig_dir="figures"):
         axes[1].legend(fontsize=8)
         fig.suptitle("5. Do the unlearning updates survive rounding?")
         save(fig, "5_mechanism.png")
+    if "durability" in results:
+        paths.append(figure7(results["durability"], models, color, fig_dir))
     return paths
+
+
+def figure7(dur, models, color, fig_dir="figures"):
+    """The durability card (evaluate.py --durability): forget VerbMem of the half no attack trains on against the
+    relearning steps k, one panel per attack; then Q (4-bit) and R (one epoch of relearning) per model."""
+    import matplotlib.pyplot as plt
+    attacks = list(next(iter(dur["curves"].values())))
+    fig, axes = plt.subplots(1, len(attacks) + 1, figsize=(6 * (len(attacks) + 1), 4.8), layout="constrained")
+    for ax, a in zip(axes, attacks):
+        for m in models:
+            curve = dur["curves"][m][a]
+            ks = sorted(curve, key=int)
+            ax.plot([int(k) + 1 for k in ks], [curve[k]["verbmem_forget"] for k in ks], marker="o", color=color[m],
+                    lw=2.5 if m in ("target", "retrain") else 1.2, ls="--" if m == "retrain" else "-", label=m)
+        ax.set(xscale="log", xlabel="relearning steps k + 1", ylabel="VerbMem on the held-out half of D_f",
+               title=f"attack: {a}")
+    axes[0].legend(fontsize=7, ncol=2)
+    scores = [k for k in next(iter(dur["card"].values())) if k.startswith(("Q_", "R_"))]
+    x, w = np.arange(len(models)), 0.8 / len(scores)
+    for j, k in enumerate(scores):
+        axes[-1].bar(x + (j - (len(scores) - 1) / 2) * w, [dur["card"][m][k] for m in models], w, label=k)
+    axes[-1].set_xticks(x, models, rotation=45, ha="right", fontsize=8)
+    axes[-1].set(ylim=(0, 1.05), ylabel="1 - |after - before| / (|before| + |after|)", title="Q and R of VerbMem")
+    axes[-1].legend(fontsize=7, ncol=2)
+    fig.suptitle("7. Does the unlearning survive relearning and quantization?")
+    return save_png(fig, Path(fig_dir) / "7_durability.png")
 
 
 if __name__ == "__main__":

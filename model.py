@@ -10,6 +10,7 @@ $ python model.py                      # trains what is missing, writes out/{bas
 $ python model.py --force              # retrains everything
 $ python model.py --dtype bfloat16     # pure bf16 weights, no float32 master copy
 """
+import hashlib
 import io
 import json
 import math
@@ -268,6 +269,12 @@ def atomic_write_bytes(path, data):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def digest(path):
+    """A short hash of a file's bytes (None if it is missing): what the study's caches are keyed on."""
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
 
 
 def write_json(path, obj):

@@ -6,6 +6,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,3 +63,18 @@ def tiny(tmp_path_factory):
     cfg, dcfg = tiny_configs(out)
     summary = train_all(cfg, dcfg)
     return SimpleNamespace(out_dir=out, cfg=cfg, dcfg=dcfg, summary=summary)
+
+
+def study_argv(out, fig, precisions="fp32,rtn4", workers=1):
+    return ["--out_dir", str(out), "--fig_dir", str(fig), "--methods", "ga,npo,ga_gdr", "--precisions", precisions,
+            "--workers", str(workers)]
+
+
+@pytest.fixture(scope="session")
+def study(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    shutil.copytree(tiny.out_dir, root / "out")
+    import evaluate
+    t = time.time()
+    results = evaluate.main(study_argv(root / "out", root / "fig"))
+    return SimpleNamespace(out=root / "out", fig=root / "fig", results=results, seconds=time.time() - t, tiny=tiny)

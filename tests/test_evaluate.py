@@ -3,32 +3,17 @@ import csv
 import itertools
 import json
 import shutil
-import time
-from types import SimpleNamespace
 
 import matplotlib.image
 import pytest
 
 import evaluate as ev
 import figures
+from conftest import study_argv
 
 ROW_KEYS = ("model", "precision", "verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak", "forget_exact",
              "forget_ma", "holdout_ppl", "retain_exact", "retain_ma")  # what every results.json row holds
 MODELS, PRECS = ["target", "retrain", "ga", "npo", "ga_gdr"], ["fp32", "rtn4"]
-
-
-def study_argv(out, fig, precisions="fp32,rtn4", workers=1):
-    return ["--out_dir", str(out), "--fig_dir", str(fig), "--methods", "ga,npo,ga_gdr", "--precisions", precisions,
-            "--workers", str(workers)]
-
-
-@pytest.fixture(scope="module")
-def study(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    shutil.copytree(tiny.out_dir, root / "out")
-    t = time.time()
-    results = ev.main(study_argv(root / "out", root / "fig"))
-    return SimpleNamespace(out=root / "out", fig=root / "fig", results=results, seconds=time.time() - t, tiny=tiny)
 
 
 def test_study_writes_every_key_and_the_figures(study, tmp_path):
