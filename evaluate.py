@@ -42,7 +42,7 @@ import durability
 import figures
 import metrics
 import model as M
-import quantize as Q
+import quantize_cli as QC
 from data.prepare import DataConfig, load_data
 from settings import check_range, cli
 from train import TrainConfig, train_all
@@ -50,7 +50,7 @@ from unlearn import METHODS
 
 CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrained methods of the 21% -> 83%
 SURE = tuple(m + "_sure" for m in CONSTRAINED)  # the same with SURE, the paper's fix, averaged on their own
-PRECISIONS = {"fp32": None, **{name: Q.QuantConfig(method=method, bits=bits, **kw) for name, method, bits, kw in (
+PRECISIONS = {"fp32": None, **{name: QC.QuantConfig(method=method, bits=bits, **kw) for name, method, bits, kw in (
     ("int8", "rtn", 8, dict(absmax=True)), ("rtn4", "rtn", 4, {}), ("gptq4", "gptq", 4, {}), ("nf4", "nf4", 4, {}),
     ("fp4", "fp4", 4, {}), ("rtn4_asym", "rtn", 4, dict(sym=False)), ("rtn4_g64", "rtn", 4, dict(group_size=64)))}}
 # block Linears only; per output channel and symmetric (the paper's Eq. 2) unless the name says _asym (min-max) or
@@ -174,7 +174,7 @@ def measure_model(cfg, name, precisions):
         t, qmodel, qcfg, quant = time.time(), copy.deepcopy(model), PRECISIONS[p], {}
         row = dict(model=name, precision=p)
         if qcfg is not None:
-            _, quant = Q.quantize_with(qmodel, replace(qcfg, seed=cfg.seed), data)
+            _, quant = QC.quantize_with(qmodel, replace(qcfg, seed=cfg.seed), data)
             row["quant_error"] = quant["rel_output_error"]  # mean relative output error of the Linears
         row.update(metrics.measure(qmodel, data, cfg.el_stride if qcfg is None else 0, cfg.top_k))
         if quant and quant["method"] != "gptq" and name in METHODS:

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import model as M
 import quantize as Q
+import quantize_cli as QC
 
 
 def quantize_hf(cfg):
@@ -44,7 +45,7 @@ def quantize_hf(cfg):
     before, t0 = M.perplexity(model, ids, T), time.time()
     Q.quantize_layers(model, layers, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder, cfg.absmax)
     after = M.perplexity(model, ids, T)
-    print(f"{cfg.hf}: {Q.quant_name(cfg)} on {len(layers)} layers in {time.time() - t0:.1f}s"
+    print(f"{cfg.hf}: {QC.quant_name(cfg)} on {len(layers)} layers in {time.time() - t0:.1f}s"
           + (f", calibrated on the first half of {cfg.text} ({len(calib)} tokens)" if windows is not None else "")
           + f"; perplexity on its second half ({len(ids)} tokens): {before:.3f} before, {after:.3f} after")
     return before, after

@@ -8,20 +8,17 @@ $ python quantize.py --bits 8 --absmax --ckpt out/target.pt   # int8: LLM.int8's
 $ python quantize.py --method gptq --bits 4 --group_size 128 --no-sym
 $ python quantize.py --method nf4                     # or fp4: absmax per block of 64, as bitsandbytes
 $ python quantize.py --hf DIR --method gptq --bits 4 --text FILE   # any local Hugging Face causal LM
+
+Its settings and the program behind these commands are in quantize_cli.py.
 """
 import io
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 import model as M
-from data.prepare import load_data
-from settings import check_range, cli
-from unlearn import METHODS as UNLEARNED
 
 METHODS = ("rtn", "gptq", "nf4", "fp4")
 
@@ -353,114 +350,7 @@ def load_quantized(path, device="cpu"):
         raise SystemExit(f"{path}: tensors missing from the checkpoint: {sorted(missing)}")
     return model.eval(), ckpt
 
-# ----------------------------------------------------------------------------------------------------------------
-# command line
 
-@dataclass
-class QuantConfig:
-    ckpt: str = ""  # checkpoint to quantize; empty = the newest out/<method>.pt of the unlearning scripts
-    method: str = "rtn"  # rtn | gptq | nf4 | fp4
-    bits: int = 4  # 2..8 for rtn and gptq (8 = int8 per channel); nf4 and fp4 are 4-bit
-    group_size: int = 0  # 0 = one grid per output channel; 32/64/128 = per group of input columns
-    sym: bool = True  # symmetric absmax (the paper's Eq. 2); --no-sym = asymmetric min-max
-    absmax: bool = False  # symmetric grid with levels ±(2^(N-1)-1), Δ = max|w|/(2^(N-1)-1): LLM.int8's (named intN)
-    actorder: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
-    lm_head: bool = False  # also quantize lm_head (tied to the token embedding, so that too)
-    nsamples: int = 128  # gptq: calibration windows of block_size tokens from the general corpus
-    seed: int = 1337  # draws the calibration windows
-    out_dir: str = "out"  # where checkpoints are read, and the quantized one written
-    device: str = "auto"  # 'auto' = cuda if present, else cpu
-    hf: str = ""  # a local Hugging Face causal LM directory: quantize it, perplexity on --text before and after
-    text: str = ""  # with --hf: the text file for calibration and perplexity
-
-    def __post_init__(self):
-        check_range(self, bits="2..8", group_size=">= 0", nsamples=">= 1")
-        if self.method not in METHODS:
-            raise ValueError(f"--method {self.method}: the methods are {', '.join(METHODS)}")
-        if self.absmax and (not self.sym or self.method in CODEBOOKS):
-            raise ValueError("--absmax is a symmetric integer grid: use it with --method rtn or gptq and --sym")
-
-
-def quant_name(cfg):
-    """e.g. rtn4, rtn4_g64_asym, gptq4_act, nf4; int8 for RTN on LLM.int8's grid."""
-    method = "int" if cfg.absmax and cfg.method == "rtn" else cfg.method + ("_absmax" if cfg.absmax else "")
-    name = method + (str(cfg.bits) if cfg.method in ("rtn", "gptq") else "")
-    return (name + (f"_g{cfg.group_size}" if cfg.group_size else "") + ("" if cfg.sym else "_asym")
-            + ("_act" if cfg.actorder and cfg.method == "gptq" else ""))
-
-
-def quantize_with(model, cfg, data):
-    """Quantizes a GPT in place with a QuantConfig: GPTQ calibrated on data.general_train (never the forget set);
-    returns the records and the quant block, with the seconds it took and the mean relative output error on
-    held-out general text."""
-    T, windows = model.config.block_size, None
-    if cfg.method == "gptq":
-        windows = calibration_windows(data.general_train, cfg.nsamples, T, cfg.seed)
-
-    def run():
-        t0 = time.time()
-        return quantize_layers(model, quantized_layers(model, cfg.lm_head), cfg.method, cfg.bits, cfg.group_size,
-                               cfg.sym, windows, cfg.actorder, cfg.absmax), time.time() - t0
-    heldout = calibration_windows(data.general_val, 32, T, cfg.seed)
-    (records, seconds), err = output_error(model, quantized_layers(model, cfg.lm_head), heldout, run)
-    calibration = dict(source="general_train", nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
-    quant = dict(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, absmax=cfg.absmax,
-                 actorder=cfg.actorder, lm_head=cfg.lm_head, seconds=round(seconds, 2), rel_output_error=err,
-                 calibration=calibration if windows is not None else None)
-    return records, quant
-
-
-def newest_unlearned(out_dir):
-    found = [p for p in (Path(out_dir) / f"{m}.pt" for m in UNLEARNED) if p.exists()]
-    if not found:
-        raise SystemExit(f"no unlearned checkpoint in {out_dir}/ ({', '.join(m + '.pt' for m in list(UNLEARNED)[:3])}, "
-                         f"...): make one with `python unlearn_ga.py`, or pass --ckpt {out_dir}/target.pt")
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
-def main(cfg):
-    """Quantizes the input checkpoint and out/target.pt the same way; prints each before and after."""
-    dev, out = M.pick_device(cfg.device), Path(cfg.out_dir)
-    path, target = Path(cfg.ckpt) if cfg.ckpt else newest_unlearned(out), out / "target.pt"
-    if not target.exists():
-        print(f"{target} not found (`python model.py` makes it): no target rows in the table")
-    rows, data = {}, None
-    for p in [path] + ([target] if target.exists() and target.resolve() != path.resolve() else []):
-        model, ckpt = M.load_checkpoint(p, dev)
-        data = data or load_data(ckpt.get("data"), out)
-        measure = lambda: {**M.memorization(model, data, ("forget", "retain")),
-                           "ppl": M.perplexity(model, data.general_val)}
-        rows[p.stem, str(next(model.parameters()).dtype)[6:]] = measure()
-        records, quant = quantize_with(model, cfg, data)
-        rows[p.stem, quant_name(cfg)] = {**measure(), **quant}
-        if p == path:
-            dest = out / f"{path.stem}_{quant_name(cfg)}.pt"
-            save_quantized(dest, model, records, ckpt, {**quant, "source": str(path)}, rows[p.stem, quant_name(cfg)])
-            qbytes = sum(t.numel() * t.element_size() for r in records.values() for t in r.values()
-                         if torch.is_tensor(t))
-            fbytes = sum(4 * math.prod(r["shape"]) for r in records.values())
-            print(f"wrote {dest}: quantized tensors {qbytes / 1e6:.2f} MB ({qbytes / fbytes:.2f}x their float32 "
-                  f"size); quantizing took {quant['seconds']}s")
-    print(f"{'model':<12}{'precision':<18}{'forget exact':>13}{'forget MA':>10}{'retain exact':>13}{'retain MA':>10}"
-          f"{'ppl':>9}{'out err':>9}")
-    for (name, prec), r in rows.items():
-        print(f"{name:<12}{prec:<18}{r['forget_exact']:13.3f}{r['forget_ma']:10.3f}{r['retain_exact']:13.3f}"
-              f"{r['retain_ma']:10.3f}{r['ppl']:9.2f}" + (f"{r['rel_output_error']:9.1e}" if "seconds" in r else ""))
-    if len(rows) == 4:  # retained knowledge (README): the input's forget exact-match over the target's, same precision
-        (a, ra), (_, rq), (t, ta), (_, tq) = rows.items()
-        share = lambda u, v: f"{100 * u['forget_exact'] / v['forget_exact']:.0f}%" if v["forget_exact"] else "n/a"
-        print(f"forget exact-match of {a[0]} as a share of {t[0]}'s: {share(ra, ta)} at {a[1]}, "
-              f"{share(rq, tq)} at {quant_name(cfg)}")
-
-
-if __name__ == "__main__":
-    (cfg,) = cli(__doc__, QuantConfig)
-    try:
-        check(cfg.method, cfg.bits)
-        if cfg.hf:
-            import pretrained  # the Hugging Face path: transformers is imported only there
-            pretrained.quantize_hf(cfg)
-        else:
-            main(cfg)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+if __name__ == "__main__":  # the command line lives in quantize_cli.py; `python quantize.py` is its command
+    import quantize_cli
+    quantize_cli.main()

@@ -49,7 +49,7 @@ def quantizer_table(out_dir):
     import copy
     sys.path.insert(0, str(ROOT))
     import model as M
-    import quantize as Q
+    import quantize_cli as QC
     from data.prepare import load_data
     target, ckpt = M.load_checkpoint(Path(out_dir) / "target.pt")
     data = load_data(ckpt["data"], out_dir)
@@ -58,7 +58,7 @@ def quantizer_table(out_dir):
           f"error | perplexity change |\n|---|---|---|---|")
     for name, kw in QUANTIZERS:
         model = copy.deepcopy(target)
-        _, quant = Q.quantize_with(model, Q.QuantConfig(**kw), data)
+        _, quant = QC.quantize_with(model, QC.QuantConfig(**kw), data)
         print(f"| {name} | {quant['seconds']:.2f} | {quant['rel_output_error']:.1e} | "
               f"{M.perplexity(model, data.general_val) - ppl:+.2f} |")
 

@@ -81,7 +81,7 @@ def test_same_seed_same_numbers(study, tmp_path):
 
 
 def test_precision_names_are_quantize_py_names():
-    assert all(ev.Q.quant_name(q) == p for p, q in ev.PRECISIONS.items() if q is not None)
+    assert all(ev.QC.quant_name(q) == p for p, q in ev.PRECISIONS.items() if q is not None)
 
 
 def test_a_method_made_with_other_settings_runs_again(study, tmp_path):

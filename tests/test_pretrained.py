@@ -5,6 +5,7 @@ import torch
 import model as M
 import pretrained
 import quantize as Q
+import quantize_cli as QC
 from conftest import prose
 
 
@@ -43,7 +44,7 @@ def test_hf_rtn_equals_quantizing_every_linear_by_hand(tmp_path, arch):
     but the output head are replaced by Q.rtn's, on the second half of the text."""
     from transformers import AutoModelForCausalLM
     path, text = tiny_hf(tmp_path, arch)
-    cfg = Q.QuantConfig(hf=str(path), text=str(text), method="rtn", bits=3, group_size=16)
+    cfg = QC.QuantConfig(hf=str(path), text=str(text), method="rtn", bits=3, group_size=16)
     before, after = pretrained.quantize_hf(cfg)
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     ids, T = second_half_and_T(path, text)
@@ -64,7 +65,7 @@ def test_hf_gptq_calibrates_on_the_first_half_only(tmp_path, monkeypatch):
     seen = []
     windows = Q.calibration_windows
     monkeypatch.setattr(Q, "calibration_windows", lambda stream, *a: seen.append(stream) or windows(stream, *a))
-    pretrained.quantize_hf(Q.QuantConfig(hf=str(path), text=str(text), method="gptq", bits=4, nsamples=8,
+    pretrained.quantize_hf(QC.QuantConfig(hf=str(path), text=str(text), method="gptq", bits=4, nsamples=8,
                                          group_size=32))
     (calib,) = seen  # one stream of calibration windows: the first half; quantize_hf scores the second
     from transformers import AutoTokenizer
@@ -75,4 +76,4 @@ def test_hf_gptq_calibrates_on_the_first_half_only(tmp_path, monkeypatch):
 def test_hf_without_tokenizer_is_refused(tmp_path):
     path, text = tiny_hf(tmp_path, "gpt2", with_tokenizer=False)
     with pytest.raises(SystemExit, match="tokenizer"):
-        pretrained.quantize_hf(Q.QuantConfig(hf=str(path), text=str(text), method="rtn"))
+        pretrained.quantize_hf(QC.QuantConfig(hf=str(path), text=str(text), method="rtn"))

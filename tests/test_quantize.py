@@ -11,6 +11,7 @@ import torch
 
 import model as M
 import quantize as Q
+import quantize_cli as QC
 from data.prepare import load_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def test_llm_int8_absmax_grid_by_hand():
     W = torch.randn(8, 64, generator=gen())
     q, scale, zero = Q.rtn(W, 8, absmax=True)
     assert ((q - zero).abs() <= 127).all() and ((W - Q.dequantize(q, scale, zero)).abs() <= scale / 2 + 1e-7).all()
-    assert Q.quant_name(Q.QuantConfig(bits=8, absmax=True)) == "int8"
+    assert QC.quant_name(QC.QuantConfig(bits=8, absmax=True)) == "int8"
 
 
 def test_asymmetric_grid_by_hand():
@@ -244,7 +245,7 @@ def test_gptq_beats_rtn_on_every_layer_of_the_tiny_target_on_real_text(tiny):
         W = layer.weight.data
         err = lambda Wq: torch.trace((W - Wq) @ H @ (W - Wq).T)  # = 2‖(W - Q)X‖²/n
         assert err(Q.quantize_weight(W, "gptq", 4, H=H)[0]) < err(Q.quantize_weight(W, "rtn", 4)[0]), name
-    _, quant = Q.quantize_with(gpt, Q.QuantConfig(method="gptq", nsamples=8, seed=3), data)
+    _, quant = QC.quantize_with(gpt, QC.QuantConfig(method="gptq", nsamples=8, seed=3), data)
     assert quant["calibration"] == dict(source="general_train", nsamples=8, tokens=gpt.config.block_size, seed=3)
     assert 0 < quant["rel_output_error"] < 0.05
 
@@ -254,7 +255,7 @@ def test_cli_quantizes_the_newest_unlearned_model_and_compares_with_the_target(t
     shutil.copy(tiny.out_dir / "target.pt", tmp_path / "target.pt")
     import unlearn_ga  # a real unlearned checkpoint: it must carry the (non-default) data settings of its target
     unlearn_ga.main(["--out_dir", str(tmp_path), "--steps", "2"])
-    Q.main(Q.QuantConfig(out_dir=str(tmp_path), bits=3, group_size=32, sym=False))
+    QC.quantize_checkpoint(QC.QuantConfig(out_dir=str(tmp_path), bits=3, group_size=32, sym=False))
     out = capsys.readouterr().out
     for row in ("ga          float32", "ga          rtn3_g32_asym", "target      float32", "target      rtn3_g32_asym"):
         assert row in out
