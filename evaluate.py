@@ -387,8 +387,8 @@ def over_seeds(cfg, argv):
 
 
 def report(results):
-    """The paper's Table 1 layout (SPEC §7) at fp32 and the first 4-bit precision, then the retained summary. A
-    number is a float, or [mean, sd] over seeds (out/seeds.json)."""
+    """The paper's Table 1 layout (Zhang et al. 2024, Table 1) at fp32 and the first 4-bit precision, then the
+    retained summary. A number is a float, or [mean, sd] over seeds (out/seeds.json)."""
     rows, precs = results["rows"], results["meta"]["precisions"]
     shown = ["fp32"] + [p for p in precs if p.endswith("4")][:1]
 

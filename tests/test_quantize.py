@@ -267,4 +267,5 @@ def test_cli_quantizes_the_newest_unlearned_model_and_compares_with_the_target(t
     # its metrics are the quantized model's own, not the full-precision ones of ga.pt
     _, fp = M.load_checkpoint(tmp_path / "ga.pt")
     assert ckpt["metrics"]["forget_ma"] == pytest.approx(M.memorization(model, data)["forget_ma"])
-    assert ckpt["metrics"]["forget_ma"] != fp["metrics"]["forget_ma"] and ckpt["metrics"]["seconds"] >= 0
+    assert ckpt["metrics"]["ppl"] == pytest.approx(M.perplexity(model, data.general_val))
+    assert ckpt["metrics"]["ppl"] != pytest.approx(fp["metrics"]["holdout_ppl"]) and ckpt["metrics"]["seconds"] >= 0
