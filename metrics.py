@@ -288,7 +288,7 @@ def mechanism(theta_o, theta_u, quant):
     lm_head, res = quant.get("lm_head", False), {}
     layers_u = Q.quantized_layers(theta_u, lm_head)
     for name, layer in Q.quantized_layers(theta_o, lm_head).items():
-        w_o, w_u = layer.weight.float(), layers_u[name].weight.float()
+        w_o, w_u = Q.weight_view(layer).float(), Q.weight_view(layers_u[name]).float()  # (out, in), as quantized
         (c_o, step), (c_u, _) = grid(w_o, quant), grid(w_u, quant)
         ratio = (w_u - w_o).abs() / step
         edges = torch.tensor(RATIO_BINS[1:-1], device=ratio.device)

@@ -324,7 +324,7 @@ def save_quantized(path, model, records, ckpt, quant, metrics=None):
 
 
 def load_quantized(path, device="cpu"):
-    """(GPT with the dequantized weights, checkpoint dict) of a checkpoint written by save_quantized."""
+    """(model with the dequantized weights, checkpoint dict) of a checkpoint written by save_quantized."""
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"{path}: no such checkpoint; `python quantize.py --ckpt out/MODEL.pt` makes one")
@@ -336,7 +336,7 @@ def load_quantized(path, device="cpu"):
     if "quant" not in ckpt:
         raise SystemExit(f"{path} is not quantized: load it with model.load_checkpoint")
     dtype = next(iter(ckpt["model"].values())).dtype
-    model = M.GPT(M.GPTConfig(**ckpt["model_args"])).to(device=device, dtype=dtype)
+    model = M.from_args(ckpt["model_args"]).to(device=device, dtype=dtype)
     keys = model.load_state_dict(ckpt["model"], strict=False)
     if keys.unexpected_keys:
         raise SystemExit(f"{path}: tensors this model does not have: {keys.unexpected_keys[:5]}")
