@@ -186,7 +186,8 @@ def greedy(model, prompts, max_new):
     together in lock-step with a KV cache: one forward pass per position t for every sequence at once, which is
     fed its own prompt token while t is inside its prompt and its previous argmax after. The GPT has no padding
     mask, so prompts of unequal length cannot be left-padded into one batch; lock-step needs no padding, and makes
-    max(length) forward passes instead of one per position per prompt length."""
+    max(length) forward passes instead of one per position per prompt length. The cache is the model's own
+    (model.new_cache()), so a wrapped Hugging Face model (pretrained.py) decodes the same way."""
     dev = next(model.parameters()).device
     n, k = torch.tensor([len(p) for p in prompts]), torch.tensor(max_new)
     x = torch.zeros(len(prompts), int((n + k).max()), dtype=torch.long)
