@@ -132,7 +132,7 @@ def check_base(out_dir, base):
         path = Path(out_dir) / f"{name}.pt"
         if path.exists() and trained_base(path) != base:
             raise SystemExit(f"{path} was trained from --base {trained_base(path)!r}, not {base!r}: use another "
-                             f"--out_dir, or retrain with --force")
+                             f"--out_dir, or retrain them (python model.py --force --base '{base}' ...)")
 
 
 def data_config(cfg, dcfg, dev, dtype):
