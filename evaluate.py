@@ -7,6 +7,8 @@ $ python evaluate.py --methods ga_gdr,npo_klr --precisions fp32,rtn4,fp4
 $ python evaluate.py --force                       # rerun every method, re-measure every row
 $ python evaluate.py --dtype bfloat16 --unlearn_args "--lr 1e-4 --steps 100"   # pure bf16 unlearning, other lr
 $ python evaluate.py --seeds 1337,1338,1339        # the study at three seeds -> out/seeds.json, mean ± sd
+$ python evaluate.py --base hf:DIR --train_args "--tune_lr 1e-4" --out_dir out_hf   # a local Hugging Face causal LM
+                                                   # as the base of it all (train.py; hf:smollm2 for SmolLM2-135M)
 
 base/target/retrain are trained only when missing (`python model.py --force` retrains them). The rest is keyed on
 content, not on timestamps: a method runs again when its checkpoint is missing, or when out/runs/<method>.json, the
@@ -43,9 +45,9 @@ import figures
 import metrics
 import model as M
 import quantize_cli as QC
+import train as T
 from data.prepare import DataConfig, load_data
 from settings import check_range, cli
-from train import TrainConfig, train_all
 from unlearn import METHODS
 
 CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrained methods of the 21% -> 83%
@@ -75,6 +77,8 @@ class StudyConfig:
     unlearn_args: str = ""  # more settings for every unlearning script, e.g. "--lr 1e-4 --steps 100"
     seeds: str = ""  # comma list, e.g. 1337,1338,1339: the study at each seed -> out/seeds.json, mean ± sd
     durability: bool = False  # then relearning attacks on every model and the durability card (durability.py)
+    base: str = ""  # '' = the GPT of model.py; hf:DIR = a local Hugging Face causal LM as the base (train.py --base)
+    train_args: str = ""  # more settings of train.py and data/prepare.py, e.g. "--tune_lr 1e-4 --n_facts 5"
 
     def __post_init__(self):
         check_range(self, workers=">= 0", el_stride=">= 0", top_k=">= 1")
@@ -285,6 +289,9 @@ def main(argv=None):
     out, dev, t_start, seconds, cpu_start = Path(cfg.out_dir), M.pick_device(cfg.device), time.time(), {}, cpu_time()
     workers = cfg.workers or (1 if dev.startswith("cuda") else min(4, os.cpu_count() or 1))
     models = ["target", "retrain", *methods]
+    tcfg, dcfg = cli(T.__doc__, T.TrainConfig, DataConfig, argv=shlex.split(cfg.train_args) + [
+        "--out_dir", cfg.out_dir, "--device", cfg.device, "--seed", str(cfg.seed), "--base", cfg.base])
+    T.check_base(out, cfg.base)
     train = not all((out / f"{n}.pt").exists() for n in ("target", "retrain"))
     run = [m for m in methods if cfg.force or train or made(cfg, m) is None]  # missing, or made otherwise
     todo = {n: [p for p in precisions if cfg.force or n in run or cached(cfg, n, p) is None] for n in models}
@@ -294,8 +301,7 @@ def main(argv=None):
           f"logs in {out / 'logs'}", flush=True)
     if train:
         t = time.time()
-        logged(out / "logs" / "train.log", train_all, TrainConfig(out_dir=cfg.out_dir, device=cfg.device,
-                                                                   seed=cfg.seed), DataConfig())
+        logged(out / "logs" / "train.log", T.train_all, tcfg, dcfg)
         seconds["train"] = progress.done("train", "data, base, target, retrain", time.time() - t)
 
     # one torch thread per worker: the models are small, and the workers share the cores
@@ -326,7 +332,8 @@ def main(argv=None):
                    for m in methods if (out / f"{m}.json").exists()}
     meta = dict(seed=cfg.seed, settings=asdict(cfg), models=models, precisions=precisions,
                 rows_measured=sum(map(len, todo.values())),  # the others came from out/rows/
-                versions=dict(python=platform.python_version(), **{p: version(p) for p in PACKAGES}),
+                versions=dict(python=platform.python_version(), **{p: version(p) for p in PACKAGES + (
+                    ("transformers",) if cfg.base else ())}),
                 corpora=target_ckpt["corpora"], data=target_ckpt["data"], training=target_ckpt["config"],
                 methods=method_meta, mech_bins=list(metrics.RATIO_BINS[:-1]), seconds=seconds,
                 quantizers={p: PRECISIONS[p] and asdict(replace(PRECISIONS[p], seed=cfg.seed)) for p in precisions},

@@ -256,10 +256,8 @@ def grid(W, quant):
         j = torch.bucketize(W / a, lv).clamp(1, len(lv) - 1)
         return levels[codes], a * (lv[j] - lv[j - 1])
     Q.check(quant["method"], quant["bits"])
-    if quant["group_size"] and W.shape[1] % quant["group_size"]:
-        raise ValueError(f"group_size {quant['group_size']} does not divide {W.shape[1]} columns")
     codes, scale, _ = Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"], quant.get("absmax", False))
-    return codes, scale.repeat_interleave(W.shape[1] // scale.shape[1], dim=1)
+    return codes, scale[:, Q.group_of(W.shape[1], quant["group_size"], W.device)]
 
 
 def rounded(W, quant):
@@ -267,7 +265,8 @@ def rounded(W, quant):
     if quant["method"] in Q.CODEBOOKS:
         levels = Q.CODEBOOKS[quant["method"]]
         return Q.codebook_dequantize(*Q.codebook_quantize(W, levels), levels)
-    return Q.dequantize(*Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"], quant.get("absmax", False)))
+    return Q.dequantize(*Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"], quant.get("absmax", False)),
+                        quant["group_size"])
 
 
 @torch.no_grad()
@@ -288,7 +287,7 @@ def mechanism(theta_o, theta_u, quant):
     lm_head, res = quant.get("lm_head", False), {}
     layers_u = Q.quantized_layers(theta_u, lm_head)
     for name, layer in Q.quantized_layers(theta_o, lm_head).items():
-        w_o, w_u = layer.weight.float(), layers_u[name].weight.float()
+        w_o, w_u = Q.weight_view(layer).float(), Q.weight_view(layers_u[name]).float()  # (out, in), as quantized
         (c_o, step), (c_u, _) = grid(w_o, quant), grid(w_u, quant)
         ratio = (w_u - w_o).abs() / step
         edges = torch.tensor(RATIO_BINS[1:-1], device=ratio.device)

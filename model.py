@@ -112,10 +112,16 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if caches is None else caches[i])
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return logits, lm_loss(logits, targets)
+
+    @property
+    def blocks(self):
+        """The transformer blocks, in forward order (block_linears selects inside them)."""
+        return self.transformer.h
+
+    def new_cache(self):
+        """An empty KV cache for greedy(): one dict per block, which CausalSelfAttention fills."""
+        return [{} for _ in self.transformer.h]
 
     @classmethod
     def from_pretrained(cls, local_dir):
@@ -138,9 +144,20 @@ class GPT(nn.Module):
         return model
 
 
+def lm_loss(logits, targets):
+    """The loss of every model here: mean cross-entropy, in float32, over the targets != -1 (None without targets)."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
 def block_linears(model):
-    """The Linear layers inside the transformer blocks, in forward order: what the quantizers quantize."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".h." in f".{n}"}
+    """The Linear layers inside the transformer blocks (model.blocks), in forward order: what the quantizers quantize
+    and SURE and MemFlex select among; never the embeddings or the output head. The same for our GPT and for a
+    Hugging Face model wrapped by pretrained.py (whose GPT-2 family has Conv1D layers, Linears stored transposed)."""
+    inside = {id(m) for block in model.blocks for m in block.modules()}
+    return {n: m for n, m in model.named_modules()
+            if id(m) in inside and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")}
 
 
 def weight_dtype(name):
@@ -169,13 +186,14 @@ def greedy(model, prompts, max_new):
     together in lock-step with a KV cache: one forward pass per position t for every sequence at once, which is
     fed its own prompt token while t is inside its prompt and its previous argmax after. The GPT has no padding
     mask, so prompts of unequal length cannot be left-padded into one batch; lock-step needs no padding, and makes
-    max(length) forward passes instead of one per position per prompt length."""
+    max(length) forward passes instead of one per position per prompt length. The cache is the model's own
+    (model.new_cache()), so a wrapped Hugging Face model (pretrained.py) decodes the same way."""
     dev = next(model.parameters()).device
     n, k = torch.tensor([len(p) for p in prompts]), torch.tensor(max_new)
     x = torch.zeros(len(prompts), int((n + k).max()), dtype=torch.long)
     for row, p in zip(x, prompts):
         row[:len(p)] = torch.tensor(p)
-    x, n, caches, t0 = x.to(dev), n.to(dev), [{} for _ in model.transformer.h], int(n.min())
+    x, n, caches, t0 = x.to(dev), n.to(dev), model.new_cache(), int(n.min())
     logits, _ = model(x[:, :t0], caches=caches)  # the part every prompt has
     for t in range(t0, x.size(1)):
         x[:, t] = torch.where(t < n, x[:, t], logits[:, -1].argmax(-1))
@@ -287,6 +305,15 @@ def save_checkpoint(path, model, **meta):
     atomic_write_bytes(path, buf.getvalue())
 
 
+def from_args(model_args):
+    """The model a checkpoint's model_args describe: our GPT, or, when they name a Hugging Face directory, that model
+    wrapped by pretrained.py (imported only then: this file imports nothing else from the repository)."""
+    if "hf_dir" in model_args:
+        import pretrained
+        return pretrained.HFCausalLM.from_args(model_args)
+    return GPT(GPTConfig(**model_args))
+
+
 def load_checkpoint(path, device="cpu"):
     """(model, checkpoint dict). A missing, truncated or foreign file is an error that names it."""
     path = Path(path)
@@ -297,7 +324,7 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=True)
         if "quant" in ckpt:
             raise SystemExit(f"{path} is a quantized checkpoint: load it with quantize.load_quantized")
-        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model = from_args(ckpt["model_args"])
         model.load_state_dict(ckpt["model"])
     except SystemExit:
         raise

