@@ -148,6 +148,10 @@ def test_memflex_localize_on_crafted_gradients():
     sel, stats = mf.localize(gf, gr, mu=0.92, sigma=0.1)
     assert sel == {"a"}  # b: cos 1 >= mu; c: cos 0 but mean |g| 0.005 <= sigma
     assert stats["a"] == pytest.approx((0.0, 0.5)) and stats["b"][0] == pytest.approx(1.0)
+    # select: the matrices with the lowest cosines. cos: a 0, b 1, c 0; the 50th percentile is 0
+    assert mf.localize(gf, gr, mu=1.0, sigma=0.0, select=50)[0] == {"a", "c"}
+    assert mf.localize(gf, gr, mu=1.0, sigma=0.1, select=50)[0] == {"a"}
+    assert mf.localize(gf, gr, mu=0.99, sigma=0.0, select=100)[0] == {"a", "c"}  # b: cos 1 is not < mu
 
 
 def test_memflex_randomizes_only_answer_tokens_and_leaves_unselected_bit_identical():
@@ -182,7 +186,7 @@ def test_memflex_localizes_with_randomized_forget_and_retain_gradients(tiny, tin
     retain split (KnowUnDo): computed here again, they match; a localization that ignored the retain split (forget
     against its own randomized copy, say) would not. With mu between the smallest and largest cosine, some
     matrices are selected and not all, and only those move."""
-    mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--mu", "0.9", "--sigma", "0"])
+    mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--select", "100", "--mu", "0.9", "--sigma", "0"])
     table = json.loads((tiny_target / "memflex.json").read_text())["localization"]
     model, _ = load_checkpoint(tiny_target / "target.pt")
     data = load_data(tiny.dcfg, tiny_target)
@@ -196,9 +200,12 @@ def test_memflex_localizes_with_randomized_forget_and_retain_gradients(tiny, tin
     assert flat(mf.localize(g_f, g_self, 0.9, 0)[1]) != pytest.approx(flat(expected), abs=1e-3)
     cos = sorted(r["cos"] for r in table.values())
     mu = (cos[len(cos) // 2 - 1] + cos[len(cos) // 2]) / 2  # between the two middle cosines: half are selected
-    mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--mu", str(mu), "--sigma", "0"])
+    mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--select", "100", "--mu", str(mu), "--sigma", "0"])
     trained = json.loads((tiny_target / "memflex.json").read_text())["trained"]
     assert len(trained) == len(cos) // 2 and set(trained) == {n for n, r in table.items() if r["cos"] < mu}
+    mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--sigma", "0"])  # the default: the lowest quarter
+    trained = json.loads((tiny_target / "memflex.json").read_text())["trained"]
+    assert set(trained) == {n for n, r in table.items() if r["cos"] <= cos[(len(cos) - 1) // 4]}
 
 
 def test_nan_loss_stops_with_the_step_and_the_loss():
@@ -210,7 +217,7 @@ def test_nan_loss_stops_with_the_step_and_the_loss():
 # ----------------------------------------------------------------------------------------------------------------
 # every method, through its command line, on the tiny target
 
-FLAGS = {"memflex": ["--mu", "0.9", "--sigma", "0"]}  # the default thresholds are scaled to the default model
+FLAGS = {"memflex": ["--sigma", "0"]}  # sigma is KnowUnDo's, for gradients of a larger model than the tiny one
 
 
 @pytest.fixture(scope="module")
