@@ -52,11 +52,13 @@ from unlearn import METHODS
 
 CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrained methods of the 21% -> 83%
 SURE = tuple(m + "_sure" for m in CONSTRAINED)  # the same with SURE, the paper's fix, averaged on their own
-PRECISIONS = {"fp32": None, **{name: QC.QuantConfig(method=method, bits=bits, **kw) for name, method, bits, kw in (
-    ("int8", "rtn", 8, dict(absmax=True)), ("rtn4", "rtn", 4, {}), ("gptq4", "gptq", 4, {}), ("nf4", "nf4", 4, {}),
-    ("fp4", "fp4", 4, {}), ("rtn4_asym", "rtn", 4, dict(sym=False)), ("rtn4_g64", "rtn", 4, dict(group_size=64)))}}
+PRECISIONS = {"fp32": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(method=m, bits=b, **kw) for m, b, kw in (
+    ("rtn", 8, dict(absmax=True)), ("rtn", 4, {}), ("gptq", 4, {}), ("nf4", 4, {}), ("fp4", 4, {}),
+    ("rtn", 4, dict(sym=False)), ("gptq", 4, dict(group_size=128)),
+    *(("rtn", 4, dict(group_size=g, sym=s)) for g in (32, 64, 128) for s in (True, False))))}}
 # block Linears only; per output channel and symmetric (the paper's Eq. 2) unless the name says _asym (min-max) or
-# _g64 (a grid per 64 input columns); nf4/fp4 per block of 64. "fp32" is the unquantized model in its own dtype
+# _gN (a grid per N input columns, the last group ragged where N does not divide them); nf4/fp4 per block of 64.
+# int8 is LLM.int8's absmax grid. "fp32" is the unquantized model in its own dtype
 RETAINED = ("verbmem_forget", "knowmem_forget", "forget_exact")  # retained % is reported for these
 PACKAGES = ("torch", "numpy", "tiktoken", "matplotlib")  # their versions go into results.json
 

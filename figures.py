@@ -4,8 +4,10 @@ The study's figures 1-5, drawn from a results dict (out/results.json) alone, eac
   3 forget quality against utility              4 memorization accuracy per sequence, with finding 2's bands
   5 the mechanism: |δ|/Δ and the share of moved weights that round back
   7 the durability card (with evaluate.py --durability): relearning curves, Q and R per model
+  8 the recovery law (metrics.predicted_retained) against the measured recovery, over any number of studies
 
-$ python figures.py                  # redraws figures/1-5 from out/results.json
+$ python figures.py                  # redraws figures/1-5 (and 7) from out/results.json
+$ python figures.py --law out out/seed_1338 out_hf   # figure 8 over those studies' results.json, with its errors
 """
 import io
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+import metrics
 from model import atomic_write_bytes
 from unlearn import METHODS
 
@@ -152,5 +155,46 @@ def figure7(dur, models, color, fig_dir="figures"):
     return save_png(fig, Path(fig_dir) / "7_durability.png")
 
 
+def law_points(results, metric="verbmem_forget"):
+    """(measured, predicted, null) retained % of metric for every unlearned model at every quantizer the mechanism
+    was measured at: the law (metrics.predicted_retained from its fp32 row and kept) and the null law
+    "quantization changes nothing" (its fp32 value), where the target scores above 0."""
+    by, k = {(r["model"], r["precision"]): r for r in results["rows"]}, f"retained_{metric}"
+    return [(r[k], metrics.predicted_retained(by[r["model"], "fp32"][k], r["mech_kept"]), by[r["model"], "fp32"][k])
+            for r in results["rows"] if r.get("mech_kept") is not None and r.get(k) is not None
+            and by[r["model"], "fp32"].get(k) is not None]
+
+
+def figure8(studies, fig_dir="figures"):
+    """The law tested: measured against predicted retained VerbMem %, one colour per study ({label: results}),
+    beside the same against the null law. Returns the path and {label: (n, mean |error| of the law, of the null)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained", sharey=True)
+    fit = {}
+    for i, (label, res) in enumerate(studies.items()):
+        pts = np.array(law_points(res)).reshape(-1, 3)
+        if not len(pts):
+            continue
+        fit[label] = (len(pts), *(float(np.abs(pts[:, 0] - pts[:, j]).mean()) for j in (1, 2)))
+        for ax, j in zip(axes, (1, 2)):
+            ax.scatter(pts[:, j], pts[:, 0], s=14, color=plt.cm.tab10(i % 10), label=f"{label} ({len(pts)})", alpha=0.7)
+    for ax, name in zip(axes, ("law: 100 − kept · (100 − retained at fp)", "null: retained at full precision")):
+        ax.plot([0, 110], [0, 110], color="grey", lw=1)
+        ax.set(xlabel=f"predicted retained VerbMem %, {name}", xlim=(0, 110), ylim=(0, 110))
+    axes[0].set(ylabel="measured retained VerbMem % after quantization")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("8. Does kept, read off the weights alone, predict what quantization brings back?")
+    return save_png(fig, Path(fig_dir) / "8_law.png"), fit
+
+
 if __name__ == "__main__":
-    figures(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "out/results.json").read_text()))
+    if sys.argv[1:2] == ["--law"]:  # python figures.py --law DIR [DIR ...]: figure 8 over the studies in DIRs
+        studies = {d: json.loads((Path(d) / "results.json").read_text()) for d in sys.argv[2:]}
+        path, fit = figure8(studies)
+        for label, (n, law, null) in fit.items():
+            print(f"{label}: {n} points, mean |measured - predicted| {law:.2f} points (law), {null:.2f} (null)")
+        print(f"wrote {path}")
+    else:
+        figures(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "out/results.json").read_text()))

@@ -126,6 +126,15 @@ def retained_pct(metric_unlearned, metric_target):
     return float("nan") if metric_target == 0 else metric_unlearned / metric_target * 100
 
 
+def predicted_retained(retained_fp, kept):
+    """The recovery law: retained % after quantization predicted from full precision and the weights alone,
+    retained_q = 100 − kept · (100 − retained_fp). To first order along the update δ = θ_u − θ_o, quantization
+    moves the unlearned model's weights by kept · δ from the target's quantized weights (kept as mechanism()
+    measures it), so of what unlearning removed at full precision, 100 − retained_fp, the share kept stays
+    removed: kept 1 (an unbiased rounding) brings nothing back, kept 0 (every move rounded back) all of it."""
+    return 100 - kept * (100 - retained_fp)
+
+
 def outlier_auc(forget_ma, holdout_ma):
     """Membership of the outliers (Barbulescu & Triantafillou 2024): AUC of |MA(x) − mean holdout MA|,
     forget (positive) against holdout: 0.5 when forget sequences sit where unseen text does; over-

@@ -51,6 +51,20 @@ def test_study_writes_every_key_and_the_figures(study, tmp_path):
     assert [p.read_bytes() for p in figures.figures(res, tmp_path)] == [p.read_bytes() for p in pngs]
 
 
+def test_figure8_puts_each_quantized_unlearned_row_beside_its_law(study, tmp_path):
+    res = study.results
+    pts = figures.law_points(res)
+    by = {(r["model"], r["precision"]): r for r in res["rows"]}
+    quantized = [r for r in res["rows"] if r.get("mech_kept") is not None and r["retained_verbmem_forget"] is not None]
+    assert len(pts) == len(quantized) > 0
+    for (measured, law, null), r in zip(pts, quantized):
+        fp = by[r["model"], "fp32"]["retained_verbmem_forget"]
+        assert measured == r["retained_verbmem_forget"] and null == fp
+        assert law == pytest.approx(100 - r["mech_kept"] * (100 - fp))
+    path, fit = figures.figure8({"tiny": res}, tmp_path)
+    assert path.read_bytes()[:4] == b"\x89PNG" and fit["tiny"][0] == len(pts)
+
+
 def test_bad_names_are_refused_with_the_valid_list(tmp_path):
     with pytest.raises(SystemExit, match="unknown nope; the valid ones are ga,ga_gdr,ga_klr,npo"):
         ev.main(["--out_dir", str(tmp_path / "out"), "--methods", "ga,nope"])

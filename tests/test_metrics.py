@@ -65,6 +65,12 @@ def test_retained_pct():
     assert torch.isnan(torch.tensor(metrics.retained_pct(5.0, 0.0)))
 
 
+def test_recovery_law_by_hand():
+    assert metrics.predicted_retained(40.0, 1.0) == 40.0  # the whole update survives rounding: nothing comes back
+    assert metrics.predicted_retained(40.0, 0.0) == 100.0  # rounding erases it: the target's knowledge returns
+    assert metrics.predicted_retained(40.0, 0.25) == pytest.approx(85.0)  # 60 removed, a quarter of it stays
+
+
 def test_outlier_auc():
     # holdout mean 0.5; forget distances (0.5, 0.5) all exceed holdout's (0.1, 0, 0.1)
     assert metrics.outlier_auc([0.0, 1.0], [0.4, 0.5, 0.6]) == 1.0
