@@ -247,13 +247,15 @@ class Progress:
 def relative(rows, precisions):
     """Adds what compares models at the same precision p: PrivLeak against this run's retrain model at p (its AUC
     moves with quantization too, so the unlearned model is held to the gold standard under the same rounding; the
-    paper's code hard-codes one full-precision AUC), and retained % against the target at p. Returns retained %
-    averaged over the utility-constrained methods, and over their SURE versions, per precision."""
+    paper's code hard-codes one full-precision AUC), retained % against the target at p, and retained % of the
+    target's excess over the retrain model at p (metrics.excess_retained). Returns both averaged over the
+    utility-constrained methods, and over their SURE versions, per precision."""
     by = {(r["model"], r["precision"]): r for r in rows}
     for r in rows:
         target, retrain = by["target", r["precision"]], by["retrain", r["precision"]]
         r["privleak"] = metrics.privleak(r["mia_auc"], retrain["mia_auc"])
         r.update({f"retained_{k}": metrics.retained_pct(r[k], target[k]) for k in RETAINED})
+        r.update({f"excess_{k}": metrics.excess_retained(r[k], target[k], retrain[k]) for k in RETAINED})
     mean = lambda v: torch.tensor(v, dtype=torch.float64).nanmean().item()
     summary = {}
     for p in precisions:
@@ -261,7 +263,8 @@ def relative(rows, precisions):
             rs = [by[m, p] for m in members if (m, p) in by]
             if rs:
                 summary.setdefault(p, {})[group] = dict(methods=[r["model"] for r in rs], **{
-                    k: mean([r[f"retained_{k}"] for r in rs]) for k in RETAINED})
+                    k: mean([r[f"retained_{k}"] for r in rs]) for k in RETAINED},
+                    **{f"excess_{k}": mean([r[f"excess_{k}"] for r in rs]) for k in RETAINED})
     return summary
 
 

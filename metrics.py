@@ -126,6 +126,16 @@ def retained_pct(metric_unlearned, metric_target):
     return float("nan") if metric_target == 0 else metric_unlearned / metric_target * 100
 
 
+def excess_retained(metric_unlearned, metric_target, metric_retrain):
+    """Retained % of the target's excess over the retrain model at the same precision p:
+    (metric(unlearned, p) − metric(retrain, p)) / (metric(target, p) − metric(retrain, p)) × 100. 0 = as clean as
+    the gold standard, 100 = as the target. A graded metric such as VerbMem scores text a model never saw far above
+    0 (a pretrained model continues templated text well), and quantization moves that floor too; this reads recovery
+    above it. nan when the target does not score above the retrain model."""
+    gap = metric_target - metric_retrain
+    return float("nan") if gap <= 0 else (metric_unlearned - metric_retrain) / gap * 100
+
+
 def predicted_retained(retained_fp, kept):
     """The recovery law: retained % after quantization predicted from full precision and the weights alone,
     retained_q = 100 − kept · (100 − retained_fp). To first order along the update δ = θ_u − θ_o, quantization

@@ -60,6 +60,16 @@ def test_ngram_overlap_and_ranked_extraction():
     assert metrics.ranked_extraction([-10.0, -5.0, -20.0], [10, 10, 10], [True, False, True], k=2) == 0.5
 
 
+def test_excess_retained_by_hand():
+    # target 90, retrain 40 at the same precision: an unlearned 40 is as clean as retrain (0), 65 keeps half
+    # the target's excess (50), 90 all of it (100); below retrain goes negative; no excess, no share
+    assert metrics.excess_retained(40.0, 90.0, 40.0) == pytest.approx(0.0)
+    assert metrics.excess_retained(65.0, 90.0, 40.0) == pytest.approx(50.0)
+    assert metrics.excess_retained(90.0, 90.0, 40.0) == pytest.approx(100.0)
+    assert metrics.excess_retained(30.0, 90.0, 40.0) == pytest.approx(-20.0)
+    assert math.isnan(metrics.excess_retained(50.0, 40.0, 40.0))
+
+
 def test_retained_pct():
     assert metrics.retained_pct(21.0, 100.0) == pytest.approx(21.0)
     assert torch.isnan(torch.tensor(metrics.retained_pct(5.0, 0.0)))
