@@ -155,36 +155,42 @@ def figure7(dur, models, color, fig_dir="figures"):
     return save_png(fig, Path(fig_dir) / "7_durability.png")
 
 
-def law_points(results, metric="verbmem_forget"):
-    """(measured, predicted, null) retained % of metric for every unlearned model at every quantizer the mechanism
-    was measured at: the law (metrics.predicted_retained from its fp32 row and kept) and the null law
-    "quantization changes nothing" (its fp32 value), where the target scores above 0."""
-    by, k = {(r["model"], r["precision"]): r for r in results["rows"]}, f"retained_{metric}"
+def law_points(results, metric="verbmem_forget", share="retained"):
+    """(measured, predicted, null) share of metric for every unlearned model at every quantizer the mechanism was
+    measured at: the law (metrics.predicted_retained from its fp32 row and kept) and the null law "quantization
+    changes nothing" (its fp32 value). share: "retained" (% of the target at p) or "excess" (% of the target's
+    excess over the retrain model at p); rows where it is undefined are left out."""
+    by, k = {(r["model"], r["precision"]): r for r in results["rows"]}, f"{share}_{metric}"
     return [(r[k], metrics.predicted_retained(by[r["model"], "fp32"][k], r["mech_kept"]), by[r["model"], "fp32"][k])
             for r in results["rows"] if r.get("mech_kept") is not None and r.get(k) is not None
             and by[r["model"], "fp32"].get(k) is not None]
 
 
 def figure8(studies, fig_dir="figures"):
-    """The law tested: measured against predicted retained VerbMem %, one colour per study ({label: results}),
-    beside the same against the null law. Returns the path and {label: (n, mean |error| of the law, of the null)}."""
+    """The law tested: measured against predicted VerbMem share, one colour per study ({label: results}), beside
+    the same against the null law; top row retained %, bottom row excess retained %. Returns the path and
+    {label: {share: (n, mean |error| of the law, of the null)}}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained", sharey=True)
-    fit = {}
-    for i, (label, res) in enumerate(studies.items()):
-        pts = np.array(law_points(res)).reshape(-1, 3)
-        if not len(pts):
-            continue
-        fit[label] = (len(pts), *(float(np.abs(pts[:, 0] - pts[:, j]).mean()) for j in (1, 2)))
-        for ax, j in zip(axes, (1, 2)):
-            ax.scatter(pts[:, j], pts[:, 0], s=14, color=plt.cm.tab10(i % 10), label=f"{label} ({len(pts)})", alpha=0.7)
-    for ax, name in zip(axes, ("law: 100 − kept · (100 − retained at fp)", "null: retained at full precision")):
-        ax.plot([0, 110], [0, 110], color="grey", lw=1)
-        ax.set(xlabel=f"predicted retained VerbMem %, {name}", xlim=(0, 110), ylim=(0, 110))
-    axes[0].set(ylabel="measured retained VerbMem % after quantization")
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 10), layout="constrained")
+    fit, lim = {}, dict(retained=(0, 110), excess=(-160, 110))
+    for row, share in zip(axes, ("retained", "excess")):
+        for i, (label, res) in enumerate(studies.items()):
+            pts = np.array(law_points(res, share=share)).reshape(-1, 3)
+            if not len(pts):
+                continue
+            fit.setdefault(label, {})[share] = (len(pts), *(float(np.abs(pts[:, 0] - pts[:, j]).mean())
+                                                             for j in (1, 2)))
+            for ax, j in zip(row, (1, 2)):
+                ax.scatter(pts[:, j], pts[:, 0], s=14, color=plt.cm.tab10(i % 10), label=f"{label} ({len(pts)})",
+                           alpha=0.7)
+        name = "retained VerbMem %" if share == "retained" else "excess retained VerbMem % (0 = retrain)"
+        for ax, law in zip(row, ("law: 100 − kept · (100 − at full precision)", "null: as at full precision")):
+            ax.plot(lim[share], lim[share], color="grey", lw=1)
+            ax.set(xlabel=f"predicted, {law}", xlim=lim[share], ylim=lim[share])
+        row[0].set(ylabel=f"measured {name} after quantization")
+    axes[0, 0].legend(fontsize=8)
     fig.suptitle("8. Does kept, read off the weights alone, predict what quantization brings back?")
     return save_png(fig, Path(fig_dir) / "8_law.png"), fit
 
@@ -193,8 +199,10 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--law"]:  # python figures.py --law DIR [DIR ...]: figure 8 over the studies in DIRs
         studies = {d: json.loads((Path(d) / "results.json").read_text()) for d in sys.argv[2:]}
         path, fit = figure8(studies)
-        for label, (n, law, null) in fit.items():
-            print(f"{label}: {n} points, mean |measured - predicted| {law:.2f} points (law), {null:.2f} (null)")
+        for label, shares in fit.items():
+            for share, (n, law, null) in shares.items():
+                print(f"{label}, {share} %: {n} points, mean |measured - predicted| {law:.2f} points (law), "
+                      f"{null:.2f} (null)")
         print(f"wrote {path}")
     else:
         figures(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "out/results.json").read_text()))

@@ -141,7 +141,9 @@ def predicted_retained(retained_fp, kept):
     retained_q = 100 − kept · (100 − retained_fp). To first order along the update δ = θ_u − θ_o, quantization
     moves the unlearned model's weights by kept · δ from the target's quantized weights (kept as mechanism()
     measures it), so of what unlearning removed at full precision, 100 − retained_fp, the share kept stays
-    removed: kept 1 (an unbiased rounding) brings nothing back, kept 0 (every move rounded back) all of it."""
+    removed: kept 1 (an unbiased rounding) brings nothing back, kept 0 (every move rounded back) all of it. The same
+    reading holds for the share of the target's excess over the retrain model (excess_retained) in place of
+    retained %: there 0 is the gold standard's level at p, not a metric of 0."""
     return 100 - kept * (100 - retained_fp)
 
 

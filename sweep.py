@@ -5,11 +5,16 @@ target (no base, a longer base, width 256, trained in pure bf16) and three seeds
 condition is data: the settings of its target and of its unlearning runs as values.
 
 $ python sweep.py                    # -> out/sweep.json, figures/6_when.png, and the headline tables (printed)
+$ python sweep.py --scale --real out_hf   # the width axis in the erasing regime, beside the real model's study in
+                                          # out_hf -> out/scale.json, figures/9_scale.png, and its table
+$ python sweep.py --headline out_hf,out_hf_s1338,out_hf_s1339   # the real model's headline over those studies
+                                          # (one per seed), mean ± sd -> out/headline.json and its table
 
 Each condition is a cached study in out/sweep/<target settings>/<unlearning settings>/ beside a target and retrain
 trained once per target settings, so an interrupted sweep resumes where it stopped.
 """
 import hashlib
+import json
 import os
 import platform
 import re
@@ -18,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import evaluate
 import model as M
@@ -50,6 +56,13 @@ SWEEP = [
         ("width 256", dict(n_embd=256), {}), ("bf16 target", dict(dtype="bfloat16"), {}))]]
 
 
+def scale(widths):
+    """Is the paper's pattern a matter of scale? The GPT at each width in pure bf16, at a learning rate where only
+    weights near zero move (3e-5) and at one that unlearns (1e-4); width 128 is the sweep's own target."""
+    return [condition(f"width {w}", "bfloat16", dict(lr=lr, steps=100),
+                      {} if w == TrainConfig.n_embd else dict(n_embd=w)) for w in widths for lr in (3e-5, 1e-4)]
+
+
 @dataclass
 class SweepConfig:
     out_dir: str = "out"  # the conditions go in out_dir/sweep/, the results in out_dir/sweep.json
@@ -57,6 +70,20 @@ class SweepConfig:
     precisions: str = "fp32,int8,rtn4,rtn4_asym,rtn4_g64,gptq4,nf4,fp4"  # every condition's rows
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     workers: int = 0  # worker processes of each study; 0 = one per CPU core up to 4
+    scale: bool = False  # the width axis (scale()) instead -> out_dir/scale.json, figure 9 and the scale table
+    widths: str = "64,128,256,384"  # comma list: the GPT's widths on that axis (4 layers, 4 heads each)
+    real: str = ""  # comma list of real-model study directories (their results.json) set beside the widths
+    headline: str = ""  # comma list of studies of one setting at several seeds: their headline, mean ± sd, only
+
+    def __post_init__(self):
+        heads = TrainConfig.n_head
+        if not re.fullmatch(r"\d+(,\d+)*", self.widths) or any(int(w) % heads for w in self.widths.split(",")):
+            raise ValueError(f"--widths {self.widths}: give a comma list of widths, each a multiple of {heads} (heads)")
+        for flag in ("real", "headline"):
+            missing = [d for d in getattr(self, flag).split(",") if d and not (Path(d) / "results.json").exists()]
+            if missing:
+                raise ValueError(f"--{flag}: no results.json in {', '.join(missing)}; run the study there first "
+                                 f"(README, 'On a pretrained model')")
 
 
 def slug(settings):
@@ -97,7 +124,7 @@ def sweep(cfg, conditions=SWEEP):
         res = logged(cdir / "logs" / "study.log", evaluate.main, argv)
         conds.append(dict(c, dir=str(cdir.relative_to(root)), retained=res["retained"], rows=res["rows"]))
         got = {p: res["retained"].get(p, {}).get("constrained", {}).get("verbmem_forget") for p in ("fp32", "rtn4")}
-        moved, back, kept = (mech_mean(conds[-1], k) for k in ("mech_moved", "mech_same_moved", "mech_kept"))
+        moved, back, kept = (mech_mean(res["rows"], k) for k in ("mech_moved", "mech_same_moved", "mech_kept"))
         print(f"[{time.time() - t0:5.0f}s] {i + 1}/{len(conditions)} {c['axis']}: {c['dtype']} "
               f"{c['unlearn'] or 'defaults'}, target {c['train'] or 'defaults'}, seed {c['seed']} | retained VerbMem % "
               + " ".join(
@@ -107,18 +134,42 @@ def sweep(cfg, conditions=SWEEP):
                                    seconds=round(time.time() - t0, 1), machine=dict(
                                        platform=platform.platform(), cpu_count=os.cpu_count())),
                          headline=headline(conds), conditions=conds))
-    M.write_json(Path(cfg.out_dir) / "sweep.json", results)
-    sweep_report(results)
+    if cfg.scale:
+        results["points"] = scale_points(conds, [d for d in cfg.real.split(",") if d])
+    path = Path(cfg.out_dir) / ("scale.json" if cfg.scale else "sweep.json")
+    M.write_json(path, results)
+    (scale_report if cfg.scale else sweep_report)(results)
     if cfg.fig_dir:
-        figure6(results, cfg.fig_dir)
-    print(f"wrote {Path(cfg.out_dir) / 'sweep.json'} ({results['meta']['seconds']:.0f}s)")
+        (figure9 if cfg.scale else figure6)(results, cfg.fig_dir)
+    print(f"wrote {path} ({results['meta']['seconds']:.0f}s)")
     return results
 
 
-def mech_mean(cond, key, precision="rtn4"):
-    """The mean over the utility-constrained methods of a mechanism statistic of a sweep condition."""
-    return float(np.mean([r.get(key, np.nan) for r in cond["rows"]
-                          if r["model"] in CONSTRAINED and r["precision"] == precision]))
+def mech_mean(rows, key, precision="rtn4"):
+    """The mean over the utility-constrained methods of a statistic of a study's rows (a mechanism one by default)."""
+    values = [np.nan if r.get(key) is None else r[key] for r in rows
+              if r["model"] in CONSTRAINED and r["precision"] == precision]
+    return float(np.mean(values)) if values else np.nan  # nan: not measured at that precision
+
+
+def scale_points(conds, real_dirs=()):
+    """One point per condition of the width axis and per real-model study (its results.json): layers, width and
+    learning rate, the mean over the utility-constrained methods of retained and excess-retained VerbMem % at full
+    precision (how much unlearning removed) and at rtn4 and fp4, and moved / back / kept at rtn4."""
+    studies = [("GPT", c["train"].get("n_layer", TrainConfig.n_layer), c["train"].get("n_embd", TrainConfig.n_embd),
+                c["unlearn"], c["rows"]) for c in conds]
+    for d in real_dirs:
+        res = json.loads((Path(d) / "results.json").read_text())
+        args = torch.load(Path(d) / "target.pt", map_location="cpu", mmap=True, weights_only=True)["model_args"]
+        hf = json.loads((Path(args["hf_dir"]) / "config.json").read_text())
+        lr, steps = next((m["lr"], m["steps"]) for n, m in res["meta"]["methods"].items() if n in CONSTRAINED)
+        studies.append((f"{Path(args['hf_dir']).name} ({d}, seed {res['meta']['seed']})", hf["num_hidden_layers"],
+                        hf["hidden_size"], dict(lr=lr, steps=steps), res["rows"]))
+    return [dict(model=name, layers=layers, width=width, lr=unlearn["lr"], steps=unlearn.get("steps"),
+                 **{f"{k}_{p}": mech_mean(rows, f"{k}_verbmem_forget", p) for k in ("retained", "excess")
+                    for p in ("fp32", "rtn4", "fp4")},
+                 **{k: mech_mean(rows, f"mech_{k}") for k in ("moved", "same_moved", "kept")})
+            for name, layers, width, unlearn, rows in studies]
 
 
 def headline(conds):
@@ -187,7 +238,7 @@ def figure6(results, fig_dir="figures"):
                 ("mech_moved", "o", "tab:green", "share of weights moved"),
                 ("mech_same_moved", "s", "tab:purple", "moved ones back on the target's rtn4 code"),
                 ("mech_kept", "^", "tab:orange", "update kept by rounding, ⟨Q(θ_u) − Q(θ_o), δ⟩ / |δ|²")):
-            axes[1, 0].plot([lr for lr, _ in grid[d]], [mech_mean(c, key) for _, c in grid[d]], marker=marker,
+            axes[1, 0].plot([lr for lr, _ in grid[d]], [mech_mean(c["rows"], key) for _, c in grid[d]], marker=marker,
                             ls=ls, color=color, label=f"{d}: {what}")
     scale = "log" if any(grid.values()) else "linear"
     axes[0, 2].set(xscale=scale, xlabel="learning rate (100 steps)", ylabel="retained VerbMem %",
@@ -227,5 +278,86 @@ def figure6(results, fig_dir="figures"):
     return save_png(fig, Path(fig_dir) / "6_when.png")
 
 
+def study_headline(rows, precisions):
+    """One study's headline per precision: the target's VerbMem and exact %, the retrain model's VerbMem, and over
+    the utility-constrained methods their VerbMem, excess retained VerbMem %, PrivLeak and kept; the same for SURE's
+    NPO_KLR where it ran (None where not)."""
+    by = {(r["model"], r["precision"]): r for r in rows}
+    sure = lambda p, k: by[("npo_klr_sure", p)][k] if ("npo_klr_sure", p) in by else None
+    return {p: dict(target_verbmem=by["target", p]["verbmem_forget"], target_exact=100 * by["target", p]["forget_exact"],
+                    retrain_verbmem=by["retrain", p]["verbmem_forget"], verbmem=mech_mean(rows, "verbmem_forget", p),
+                    excess=mech_mean(rows, "excess_verbmem_forget", p), privleak=mech_mean(rows, "privleak", p),
+                    kept=mech_mean(rows, "mech_kept", p), sure_excess=sure(p, "excess_verbmem_forget"),
+                    sure_privleak=sure(p, "privleak")) for p in precisions}
+
+
+def headline_over(dirs):
+    """The headline of several studies of one setting (one per seed) at the precisions they all measured: each
+    number's mean ± sample sd over the studies (mean_sd; None where a study lacks it). Writes nothing."""
+    studies = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    precisions = [p for p in studies[0]["meta"]["precisions"] if all(p in s["meta"]["precisions"] for s in studies)]
+    each = [study_headline(s["rows"], precisions) for s in studies]
+    nan = lambda v: v is None or np.isnan(v)
+    return dict(studies=[str(d) for d in dirs], seeds=[s["meta"]["seed"] for s in studies], headline={
+        p: {k: mean_sd([None if nan(h[p][k]) else h[p][k] for h in each]) for k in each[0][p]} for p in precisions})
+
+
+def headline_report(res):
+    """headline_over's result as the README's markdown table."""
+    f = lambda v: "n/a" if v is None else f"{v[0]:.1f} ± {v[1]:.1f}"
+    cols = ("target_verbmem", "target_exact", "retrain_verbmem", "verbmem", "excess", "privleak", "sure_excess",
+            "sure_privleak", "kept")
+    print(f"\nheadline over {', '.join(res['studies'])} (seeds {res['seeds']}), mean ± sample sd\n\n| precision | "
+          "target VerbMem | target exact % | retrain VerbMem | constrained VerbMem | excess retained % | PrivLeak | "
+          "npo_klr_sure excess % | its PrivLeak | kept |\n" + "|---" * 10 + "|")
+    for p, h in res["headline"].items():
+        print(f"| {p} | " + " | ".join(f(h[k]) for k in cols) + " |")
+
+
+def scale_report(results):
+    """The width axis beside the real model as a markdown table (utility-constrained methods averaged)."""
+    f = lambda v, fmt=".0f": "n/a" if v is None or np.isnan(v) else f"{v:{fmt}}"
+    print("\n| model | layers × width | lr, steps | moved | back | kept (rtn4) | retained VerbMem % fp32 | rtn4 | fp4 "
+          "| excess % fp32 | rtn4 | fp4 |\n" + "|---" * 12 + "|")
+    for q in results["points"]:
+        print(f"| {q['model']} | {q['layers']} × {q['width']} | {q['lr']:g}, {q['steps']} | {f(100 * q['moved'])}% | "
+              f"{f(100 * q['same_moved'])}% | {f(q['kept'], '.2f')} | " + " | ".join(
+                  f(q[f"{k}_{p}"]) for k in ("retained", "excess") for p in ("fp32", "rtn4", "fp4")) + " |")
+
+
+def figure9(results, fig_dir="figures"):
+    """Figure 9 from a scale dict (out/scale.json): against the width, per learning rate, what survives rounding
+    (kept at rtn4), how much unlearning removed at full precision, and what 4-bit rounding brought back; the real
+    models' studies as stars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = results["points"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), layout="constrained")
+    panels = (("update kept by rtn4 rounding (kept)", lambda q: q["kept"]),
+              ("retained VerbMem % at full precision (lower: more unlearned)", lambda q: q["retained_fp32"]),
+              ("recovery at rtn4: retained VerbMem %, rtn4 − full", lambda q: q["retained_rtn4"] - q["retained_fp32"]))
+    for i, lr in enumerate(sorted({q["lr"] for q in pts})):
+        gpt = sorted((q for q in pts if q["lr"] == lr and q["model"] == "GPT"), key=lambda q: q["width"])
+        real = [q for q in pts if q["lr"] == lr and q["model"] != "GPT"]
+        for ax, (_, y) in zip(axes, panels):
+            ax.plot([q["width"] for q in gpt], [y(q) for q in gpt], marker="o", color=plt.cm.tab10(i),
+                    label=f"GPT (4 layers), lr {lr:g}")
+            ax.scatter([q["width"] for q in real], [y(q) for q in real], marker="*", s=160, color=plt.cm.tab10(i),
+                       edgecolor="black", label=f"pretrained (real), lr {lr:g}" if real else None)
+    for ax, (ylabel, _) in zip(axes, panels):
+        ax.set(xscale="log", xlabel="width (n_embd / hidden_size)", ylabel=ylabel)
+        ax.axhline(1 if ax is axes[0] else 0, color="grey", lw=0.6)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("9. Is the paper's pattern a matter of scale? Pure bf16 unlearning (GA/NPO × GDR/KLR, mean of 4)")
+    return save_png(fig, Path(fig_dir) / "9_scale.png")
+
+
 if __name__ == "__main__":
-    sweep(*cli(__doc__, SweepConfig))
+    cfg, = cli(__doc__, SweepConfig)
+    if cfg.headline:
+        result = headline_over(cfg.headline.split(","))
+        M.write_json(Path(cfg.out_dir) / "headline.json", result)
+        headline_report(result)
+    else:
+        sweep(cfg, scale([int(w) for w in cfg.widths.split(",")]) if cfg.scale else SWEEP)

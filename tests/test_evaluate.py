@@ -61,8 +61,16 @@ def test_figure8_puts_each_quantized_unlearned_row_beside_its_law(study, tmp_pat
         fp = by[r["model"], "fp32"]["retained_verbmem_forget"]
         assert measured == r["retained_verbmem_forget"] and null == fp
         assert law == pytest.approx(100 - r["mech_kept"] * (100 - fp))
+    excess = figures.law_points(res, share="excess")
+    defined = [r for r in quantized if None not in (r["excess_verbmem_forget"],
+                                                     by[r["model"], "fp32"]["excess_verbmem_forget"])]
+    assert len(excess) == len(defined)
+    for (measured, law, null), r in zip(excess, defined):
+        fp = by[r["model"], "fp32"]["excess_verbmem_forget"]
+        assert measured == r["excess_verbmem_forget"] and law == pytest.approx(100 - r["mech_kept"] * (100 - fp))
     path, fit = figures.figure8({"tiny": res}, tmp_path)
-    assert path.read_bytes()[:4] == b"\x89PNG" and fit["tiny"][0] == len(pts)
+    assert path.read_bytes()[:4] == b"\x89PNG" and fit["tiny"]["retained"][0] == len(pts)
+    assert fit["tiny"].get("excess", (0,))[0] == len(excess)
 
 
 def test_bad_names_are_refused_with_the_valid_list(tmp_path):

@@ -5,6 +5,7 @@ import random
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ import model as M
 import pretrained
 import quantize as Q
 import quantize_cli as QC
+import sweep
 from conftest import TEXTS, prose
 from data.prepare import person, secret
 
@@ -149,6 +151,31 @@ def test_hf_target_memorizes_and_retrain_never_sees_the_forget_set(hf_study):
     assert set(retrain["exposures"]["forget"]) == {0} and min(target["exposures"]["forget"]) >= 1
     assert retrain["exposures"]["retain"] == target["exposures"]["retain"]
     assert retrain["retain_ma"] > retrain["forget_ma"] + 0.1
+
+
+def test_the_scale_axis_reads_a_real_model_study(hf_study):
+    """sweep.py --scale --real DIR: the study's width and depth come from its Hugging Face config, its learning rate
+    and steps from its methods, its numbers from its rows."""
+    (q,) = sweep.scale_points([], [str(hf_study.out)])
+    assert (q["layers"], q["width"], q["lr"], q["steps"]) == (2, 32, 3e-4, 3) and "seed 1337" in q["model"]
+    rows = {(r["model"], r["precision"]): r for r in hf_study.results["rows"]}
+    assert q["kept"] == pytest.approx((rows["ga_gdr", "rtn4"]["mech_kept"] + rows["npo_klr", "rtn4"]["mech_kept"]) / 2)
+    assert np.isnan(q["retained_fp4"])  # not measured in that study
+
+
+def test_the_headline_over_studies_is_their_mean_and_sd(hf_study, capsys):
+    """sweep.py --headline DIRS: per precision, each number's mean ± sd over the studies; twice the same study
+    gives its own numbers with sd 0, and what it did not run (SURE) is None."""
+    res = sweep.headline_over([hf_study.out, hf_study.out])
+    rows = {(r["model"], r["precision"]): r for r in hf_study.results["rows"]}
+    h = res["headline"]
+    assert list(h) == ["fp32", "rtn4"] and res["seeds"] == [1337, 1337]
+    assert h["rtn4"]["target_exact"] == [100 * rows["target", "rtn4"]["forget_exact"], 0.0]
+    assert h["fp32"]["privleak"][0] == pytest.approx((rows["ga_gdr", "fp32"]["privleak"]
+                                                      + rows["npo_klr", "fp32"]["privleak"]) / 2)
+    assert h["fp32"]["kept"] is None and h["rtn4"]["sure_excess"] is None
+    sweep.headline_report(res)
+    assert "| rtn4 | " in capsys.readouterr().out
 
 
 def test_hf_base_of_another_study_is_refused(hf_study):

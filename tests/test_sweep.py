@@ -1,7 +1,10 @@
 """sweep.py: two conditions on the tiny target, read back on a second run."""
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
 
 import torch
 
@@ -46,3 +49,37 @@ def test_sweep_on_the_tiny_model(tiny, tmp_path):
     rows = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "sweep").rglob("rows/*.json")}
     assert sweep.sweep(cfg, conds)["conditions"] == res["conditions"]
     assert {p: p.stat().st_mtime_ns for p in rows} == rows
+
+
+def test_scale_reads_the_width_axis_back_as_points(tiny, tmp_path):
+    """--scale: the conditions' rows become one point each (width, lr, the constrained methods' means), written to
+    scale.json with figure 9; the axis is each width at two learning rates in pure bf16."""
+    axis = sweep.scale([64, 128, 256])
+    assert [c["train"] for c in axis[::2]] == [dict(n_embd=64), {}, dict(n_embd=256)]  # 128: the sweep's target
+    assert {(c["dtype"], c["unlearn"]["lr"]) for c in axis} == {("bfloat16", 3e-5), ("bfloat16", 1e-4)}
+    skip = ("out_dir", "seed", "device", "force", "log_interval")
+    train = {k: v for c in (tiny.cfg, tiny.dcfg) for k, v in asdict(c).items() if k not in skip}
+    shutil.copytree(tiny.out_dir, tmp_path / "out" / "sweep" / sweep.slug({**train, "seed": 1337}))
+    conds = [sweep.condition("width 64", "bfloat16", dict(lr=1e-3, steps=3), train, methods=["ga_gdr", "npo_klr"])]
+    cfg = sweep.SweepConfig(out_dir=str(tmp_path / "out"), fig_dir=str(tmp_path), precisions="fp32,rtn4,fp4",
+                            workers=1, scale=True)
+    res = sweep.sweep(cfg, conds)
+    assert res == json.loads((tmp_path / "out" / "scale.json").read_text())
+    (q,) = res["points"]
+    assert (q["model"], q["layers"], q["width"], q["lr"], q["steps"]) == ("GPT", 2, 64, 1e-3, 3)
+    rows = {(r["model"], r["precision"]): r for r in res["conditions"][0]["rows"]}
+    mean = lambda k, p: np.mean([rows[m, p][k] for m in ("ga_gdr", "npo_klr")])
+    assert np.isclose(q["kept"], mean("mech_kept", "rtn4")) and np.isclose(q["moved"], mean("mech_moved", "rtn4"))
+    assert np.isclose(q["retained_fp4"], mean("retained_verbmem_forget", "fp4"))
+    assert np.isclose(q["excess_fp32"], mean("excess_verbmem_forget", "fp32"))
+    assert (tmp_path / "9_scale.png").read_bytes()[:4] == b"\x89PNG"
+    assert sweep.sweep(replace(cfg, fig_dir=""), conds)["points"] == res["points"]  # read back, nothing rerun
+
+
+@pytest.mark.parametrize("argv, says", [(["--widths", "64,abc"], "comma list of widths"),
+                                        (["--widths", "66"], "multiple of 4"),
+                                        (["--real", "no_such_dir"], "no results.json in no_such_dir")])
+def test_bad_scale_settings_are_refused(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        sweep.cli(sweep.__doc__, sweep.SweepConfig, argv=argv)
+    assert says in capsys.readouterr().err
