@@ -97,9 +97,10 @@ def names(value, valid, flag):
 
 
 def logged(log, fn, *args):
-    """fn(*args) with what it prints sent to the file `log`, so that the study's own output stays one line a stage."""
+    """fn(*args) with what it prints sent to the file `log`, so that the study's own output stays one line a stage;
+    line-buffered, so that `tail -f` on it follows a long stage (a pretrained model's fine-tuning) as it goes."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f, contextlib.redirect_stdout(f):
+    with open(log, "w", buffering=1) as f, contextlib.redirect_stdout(f):
         return fn(*args)
 
 
@@ -303,7 +304,8 @@ def main(argv=None):
     progress = Progress(workers, train=int(train), method=len(run), row=sum(map(len, todo.values())))
     print(f"study: {'training base/target/retrain, ' if train else ''}{len(run)} of {len(methods)} methods to run, "
           f"{progress.todo['row']} of {len(models) * len(precisions)} rows to measure, {workers} worker(s); "
-          f"logs in {out / 'logs'}", flush=True)
+          f"logs in {out / 'logs'}" + (f" (tail -f {out / 'logs' / 'train.log'} follows training)" if train else ""),
+          flush=True)
     if train:
         t = time.time()
         logged(out / "logs" / "train.log", T.train_all, tcfg, dcfg)

@@ -116,7 +116,9 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % cfg.log_interval == 0 or step == steps - 1:
-            print(f"{name} step {step:4d} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+            spent = time.time() - t0
+            left = spent / (step + 1) * (steps - step - 1)
+            print(f"{name} step {step:4d}/{steps} loss {loss.item():.3f} ({spent:.0f}s, ~{left:.0f}s left)")
     exposures = {s: seen[split_of == i].tolist() for i, s in enumerate(splits)}
     return model, dict(exposures, general_windows=steps * (cfg.batch_size - n_mem))
 
