@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import evaluate
+import metrics
 import model as M
 from data.prepare import DataConfig
 from evaluate import CONSTRAINED, RETAINED, SURE, logged, mean_sd, plain
@@ -56,11 +57,14 @@ SWEEP = [
         ("width 256", dict(n_embd=256), {}), ("bf16 target", dict(dtype="bfloat16"), {}))]]
 
 
-def scale(widths):
+def scale(widths, methods=("ga_gdr", "npo_klr")):
     """Is the paper's pattern a matter of scale? The GPT at each width in pure bf16, at a learning rate where only
-    weights near zero move (3e-5) and at one that unlearns (1e-4); width 128 is the sweep's own target."""
+    weights near zero move (3e-5) and at one that unlearns (1e-4); width 128 is the sweep's own target. Two of the
+    four constrained methods by default (GA with the retain loss, NPO with the KL), as pure bf16 is slow on a CPU
+    without native bf16 (README, "Tests and timings")."""
     return [condition(f"width {w}", "bfloat16", dict(lr=lr, steps=100),
-                      {} if w == TrainConfig.n_embd else dict(n_embd=w)) for w in widths for lr in (3e-5, 1e-4)]
+                      {} if w == TrainConfig.n_embd else dict(n_embd=w), methods=methods)
+            for lr in (1e-4, 3e-5) for w in widths]  # the learning rate that unlearns first, for every width
 
 
 @dataclass
@@ -71,7 +75,7 @@ class SweepConfig:
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     workers: int = 0  # worker processes of each study; 0 = one per CPU core up to 4
     scale: bool = False  # the width axis (scale()) instead -> out_dir/scale.json, figure 9 and the scale table
-    widths: str = "64,128,256"  # comma list: the GPT's widths on that axis (4 layers, 4 heads each)
+    widths: str = "32,64,128,256"  # comma list: the GPT's widths on that axis (4 layers, 4 heads each)
     real: str = ""  # comma list of real-model study directories (their results.json) set beside the widths
     headline: str = ""  # comma list of studies of one setting at several seeds: their headline, mean ± sd, only
 
@@ -168,8 +172,18 @@ def scale_points(conds, real_dirs=()):
     return [dict(model=name, layers=layers, width=width, lr=unlearn["lr"], steps=unlearn.get("steps"),
                  **{f"{k}_{p}": mech_mean(rows, f"{k}_verbmem_forget", p) for k in ("retained", "excess")
                     for p in ("fp32", "rtn4", "fp4")},
+                 **{f"law_{k}_rtn4": law_mean(rows, k) for k in ("retained", "excess")},
                  **{k: mech_mean(rows, f"mech_{k}") for k in ("moved", "same_moved", "kept")})
             for name, layers, width, unlearn, rows in studies]
+
+
+def law_mean(rows, share, precision="rtn4"):
+    """The recovery law's prediction (metrics.predicted_retained) of a share ("retained" or "excess") of VerbMem at
+    precision, from each utility-constrained method's fp32 value and kept, averaged over the methods."""
+    by, k = {(r["model"], r["precision"]): r for r in rows}, f"{share}_verbmem_forget"
+    values = [metrics.predicted_retained(by[m, "fp32"][k], by[m, precision]["mech_kept"]) for m in CONSTRAINED
+              if (m, precision) in by and None not in (by[m, "fp32"].get(k), by[m, precision].get("mech_kept"))]
+    return float(np.mean(values)) if values else np.nan
 
 
 def headline(conds):
@@ -304,25 +318,26 @@ def headline_over(dirs):
 
 def headline_report(res):
     """headline_over's result as the README's markdown table."""
-    f = lambda v: "n/a" if v is None else f"{v[0]:.1f} ± {v[1]:.1f}"
+    f = lambda v, fmt=".1f": "n/a" if v is None else f"{v[0]:{fmt}} ± {v[1]:{fmt}}"
     cols = ("target_verbmem", "target_exact", "retrain_verbmem", "verbmem", "excess", "privleak", "sure_excess",
             "sure_privleak", "kept")
     print(f"\nheadline over {', '.join(res['studies'])} (seeds {res['seeds']}), mean ± sample sd\n\n| precision | "
           "target VerbMem | target exact % | retrain VerbMem | constrained VerbMem | excess retained % | PrivLeak | "
           "npo_klr_sure excess % | its PrivLeak | kept |\n" + "|---" * 10 + "|")
     for p, h in res["headline"].items():
-        print(f"| {p} | " + " | ".join(f(h[k]) for k in cols) + " |")
+        print(f"| {p} | " + " | ".join(f(h[k], ".2f" if k == "kept" else ".1f") for k in cols) + " |")
 
 
 def scale_report(results):
     """The width axis beside the real model as a markdown table (utility-constrained methods averaged)."""
     f = lambda v, fmt=".0f": "n/a" if v is None or np.isnan(v) else f"{v:{fmt}}"
-    print("\n| model | layers × width | lr, steps | moved | back | kept (rtn4) | retained VerbMem % fp32 | rtn4 | fp4 "
-          "| excess % fp32 | rtn4 | fp4 |\n" + "|---" * 12 + "|")
+    print("\n| model | layers × width | lr, steps | moved | back | kept (rtn4) | retained VerbMem % fp32 | rtn4 | "
+          "rtn4, law | fp4 | excess % fp32 | rtn4 | rtn4, law | fp4 |\n" + "|---" * 14 + "|")
     for q in results["points"]:
         print(f"| {q['model']} | {q['layers']} × {q['width']} | {q['lr']:g}, {q['steps']} | {f(100 * q['moved'])}% | "
               f"{f(100 * q['same_moved'])}% | {f(q['kept'], '.2f')} | " + " | ".join(
-                  f(q[f"{k}_{p}"]) for k in ("retained", "excess") for p in ("fp32", "rtn4", "fp4")) + " |")
+                  f(q[c]) for k in ("retained", "excess") for c in (f"{k}_fp32", f"{k}_rtn4", f"law_{k}_rtn4",
+                                                                      f"{k}_fp4")) + " |")
 
 
 def figure9(results, fig_dir="figures"):

@@ -5,6 +5,7 @@ README. Not a test (pytest does not collect it): it takes minutes.
 $ python tests/benchmark.py                       # everything
 $ python tests/benchmark.py --only model,tests    # a subset: model, unlearn, quantize, evaluate, tests
 $ python tests/benchmark.py --quantizers out      # the quantizer table: each quantizer on out/target.pt
+$ python tests/benchmark.py --step out_hf/hf/smollm2   # one fine-tuning step of that model, float32 vs pure bf16
 """
 import argparse
 import os
@@ -63,6 +64,31 @@ def quantizer_table(out_dir):
               f"{M.perplexity(model, data.general_val) - ppl:+.2f} |")
 
 
+def step_times(hf_dir, batch=16, T=48, repeat=2):
+    """Seconds of one fine-tuning step (forward, backward, AdamW) of the Hugging Face model in hf_dir on a batch of
+    the study's shape (16 windows of 48 tokens), in float32 and in pure bf16 (weights and AdamW state), the better
+    of `repeat` steps each. Pure bf16 runs at full speed only on CPUs with native bf16 arithmetic (AVX512-BF16,
+    AMX); elsewhere torch emulates it, and the pretrained-model study, which runs in it, takes many times longer."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import pretrained
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch_threads()} thread(s), "
+          f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}\n\n| dtype | seconds a step |\n|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        model = pretrained.load_base(hf_dir, T, "cpu", dtype).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        x = torch.randint(0, model.hf.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.time()
+            _, loss = model(x, x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            best = min(best, time.time() - t0)
+        print(f"| {str(dtype)[6:]} | {best:.1f} |", flush=True)
+
+
 def torch_threads():
     import torch
     return torch.get_num_threads()
@@ -72,9 +98,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="model,unlearn,quantize,evaluate,tests")
     ap.add_argument("--quantizers", metavar="OUT_DIR", help="print the quantizer table of OUT_DIR/target.pt")
+    ap.add_argument("--step", metavar="HF_DIR", help="time a fine-tuning step of that model, float32 vs pure bf16")
     args = ap.parse_args()
     if args.quantizers:
         return quantizer_table(args.quantizers)
+    if args.step:
+        return step_times(args.step)
     only = args.only.split(",")
     out = Path(tempfile.mkdtemp(prefix="nanounlearn-bench-"))
     py, o = sys.executable, ["--out_dir", str(out)]

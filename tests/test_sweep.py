@@ -55,8 +55,10 @@ def test_scale_reads_the_width_axis_back_as_points(tiny, tmp_path):
     """--scale: the conditions' rows become one point each (width, lr, the constrained methods' means), written to
     scale.json with figure 9; the axis is each width at two learning rates in pure bf16."""
     axis = sweep.scale([64, 128, 256])
-    assert [c["train"] for c in axis[::2]] == [dict(n_embd=64), {}, dict(n_embd=256)]  # 128: the sweep's target
+    assert [c["train"] for c in axis[:3]] == [dict(n_embd=64), {}, dict(n_embd=256)]  # 128: the sweep's target
+    assert [c["unlearn"]["lr"] for c in axis] == [1e-4] * 3 + [3e-5] * 3
     assert {(c["dtype"], c["unlearn"]["lr"]) for c in axis} == {("bfloat16", 3e-5), ("bfloat16", 1e-4)}
+    assert all(c["methods"] == ["ga_gdr", "npo_klr"] for c in axis)
     skip = ("out_dir", "seed", "device", "force", "log_interval")
     train = {k: v for c in (tiny.cfg, tiny.dcfg) for k, v in asdict(c).items() if k not in skip}
     shutil.copytree(tiny.out_dir, tmp_path / "out" / "sweep" / sweep.slug({**train, "seed": 1337}))
@@ -72,6 +74,9 @@ def test_scale_reads_the_width_axis_back_as_points(tiny, tmp_path):
     assert np.isclose(q["kept"], mean("mech_kept", "rtn4")) and np.isclose(q["moved"], mean("mech_moved", "rtn4"))
     assert np.isclose(q["retained_fp4"], mean("retained_verbmem_forget", "fp4"))
     assert np.isclose(q["excess_fp32"], mean("excess_verbmem_forget", "fp32"))
+    law = [100 - rows[m, "rtn4"]["mech_kept"] * (100 - rows[m, "fp32"]["retained_verbmem_forget"])
+           for m in ("ga_gdr", "npo_klr")]
+    assert np.isclose(q["law_retained_rtn4"], np.mean(law))
     assert (tmp_path / "9_scale.png").read_bytes()[:4] == b"\x89PNG"
     assert sweep.sweep(replace(cfg, fig_dir=""), conds)["points"] == res["points"]  # read back, nothing rerun
 
