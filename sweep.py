@@ -57,14 +57,14 @@ SWEEP = [
         ("width 256", dict(n_embd=256), {}), ("bf16 target", dict(dtype="bfloat16"), {}))]]
 
 
-def scale(widths, methods=("ga_gdr", "npo_klr")):
-    """Is the paper's pattern a matter of scale? The GPT at each width in pure bf16, at a learning rate where only
-    weights near zero move (3e-5) and at one that unlearns (1e-4); width 128 is the sweep's own target. Two of the
-    four constrained methods by default (GA with the retain loss, NPO with the KL), as pure bf16 is slow on a CPU
-    without native bf16 (README, "Tests and timings")."""
+def scale(widths, lrs=(1e-4, 3e-5), methods=("ga_gdr", "npo_klr")):
+    """Is the paper's pattern a matter of scale? The GPT at each width in pure bf16 for 100 steps at each learning
+    rate, by default one that unlearns (1e-4) and one where only weights near zero move (3e-5); width 128 is the
+    sweep's own target. Two of the four constrained methods by default (GA with the retain loss, NPO with the KL),
+    as pure bf16 is slow on a CPU without native bf16 (README, "Tests and timings")."""
     return [condition(f"width {w}", "bfloat16", dict(lr=lr, steps=100),
                       {} if w == TrainConfig.n_embd else dict(n_embd=w), methods=methods)
-            for lr in (1e-4, 3e-5) for w in widths]  # the learning rate that unlearns first, for every width
+            for lr in lrs for w in widths]  # the first learning rate for every width, then the next
 
 
 @dataclass
@@ -76,6 +76,7 @@ class SweepConfig:
     workers: int = 0  # worker processes of each study; 0 = one per CPU core up to 4
     scale: bool = False  # the width axis (scale()) instead -> out_dir/scale.json, figure 9 and the scale table
     widths: str = "32,64,128,256"  # comma list: the GPT's widths on that axis (4 layers, 4 heads each)
+    lrs: str = "1e-4,3e-5"  # comma list: the learning rates on that axis (pure bf16, 100 steps)
     real: str = ""  # comma list of real-model study directories (their results.json) set beside the widths
     headline: str = ""  # comma list of studies of one setting at several seeds: their headline, mean ± sd, only
 
@@ -83,6 +84,9 @@ class SweepConfig:
         heads = TrainConfig.n_head
         if not re.fullmatch(r"\d+(,\d+)*", self.widths) or any(int(w) % heads for w in self.widths.split(",")):
             raise ValueError(f"--widths {self.widths}: give a comma list of widths, each a multiple of {heads} (heads)")
+        number = r"(\d+\.?\d*|\.\d+)(e[-+]?\d+)?"
+        if not all(re.fullmatch(number, lr) and float(lr) > 0 for lr in self.lrs.split(",")):
+            raise ValueError(f"--lrs {self.lrs}: give a comma list of positive learning rates, e.g. 1e-4,3e-5")
         for flag in ("real", "headline"):
             missing = [d for d in getattr(self, flag).split(",") if d and not (Path(d) / "results.json").exists()]
             if missing:
@@ -360,11 +364,13 @@ def figure9(results, fig_dir="figures"):
                     label=f"GPT (4 layers), lr {lr:g}")
             ax.scatter([q["width"] for q in real], [y(q) for q in real], marker="*", s=160, color=plt.cm.tab10(i),
                        edgecolor="black", label=f"pretrained (real), lr {lr:g}" if real else None)
-    for ax, (ylabel, _) in zip(axes, panels):
-        ax.set(xscale="log", xlabel="width (n_embd / hidden_size)", ylabel=ylabel)
+    for ax, (ylabel, _), ylim in zip(axes, panels, ((0, 1.1), (0, 105), (-10, 70))):
+        ax.set(xscale="log", xlabel="width (n_embd / hidden_size)", ylabel=ylabel, ylim=ylim)
         ax.axhline(1 if ax is axes[0] else 0, color="grey", lw=0.6)
+    axes[2].axhline(PAPER_RECOVERY, color="grey", ls=":", label="the paper: 21% → 83%")
     axes[0].legend(fontsize=8)
-    fig.suptitle("9. Is the paper's pattern a matter of scale? Pure bf16 unlearning (GA/NPO × GDR/KLR, mean of 4)")
+    axes[2].legend(fontsize=8)
+    fig.suptitle("9. Is the paper's pattern a matter of scale? Pure bf16 unlearning, utility-constrained methods averaged")
     return save_png(fig, Path(fig_dir) / "9_scale.png")
 
 
@@ -375,4 +381,5 @@ if __name__ == "__main__":
         M.write_json(Path(cfg.out_dir) / "headline.json", result)
         headline_report(result)
     else:
-        sweep(cfg, scale([int(w) for w in cfg.widths.split(",")]) if cfg.scale else SWEEP)
+        axis = scale([int(w) for w in cfg.widths.split(",")], [float(lr) for lr in cfg.lrs.split(",")])
+        sweep(cfg, axis if cfg.scale else SWEEP)

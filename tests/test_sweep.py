@@ -59,6 +59,7 @@ def test_scale_reads_the_width_axis_back_as_points(tiny, tmp_path):
     assert [c["unlearn"]["lr"] for c in axis] == [1e-4] * 3 + [3e-5] * 3
     assert {(c["dtype"], c["unlearn"]["lr"]) for c in axis} == {("bfloat16", 3e-5), ("bfloat16", 1e-4)}
     assert all(c["methods"] == ["ga_gdr", "npo_klr"] for c in axis)
+    assert [c["unlearn"] for c in sweep.scale([32], [3e-5])] == [dict(lr=3e-5, steps=100)]
     skip = ("out_dir", "seed", "device", "force", "log_interval")
     train = {k: v for c in (tiny.cfg, tiny.dcfg) for k, v in asdict(c).items() if k not in skip}
     shutil.copytree(tiny.out_dir, tmp_path / "out" / "sweep" / sweep.slug({**train, "seed": 1337}))
@@ -83,6 +84,7 @@ def test_scale_reads_the_width_axis_back_as_points(tiny, tmp_path):
 
 @pytest.mark.parametrize("argv, says", [(["--widths", "64,abc"], "comma list of widths"),
                                         (["--widths", "66"], "multiple of 4"),
+                                        (["--lrs", "1e-4,-1"], "positive learning rates"),
                                         (["--real", "no_such_dir"], "no results.json in no_such_dir")])
 def test_bad_scale_settings_are_refused(argv, says, capsys):
     with pytest.raises(SystemExit):
