@@ -75,8 +75,7 @@ class SweepConfig:
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     workers: int = 0  # worker processes of each study; 0 = one per CPU core up to 4
     scale: bool = False  # the width axis (scale()) instead -> out_dir/scale.json, figure 9 and the scale table
-    widths: str = "32,64,128"  # comma list: the GPT's widths on that axis (4 layers, 4 heads; at 256 the default target
-    # does not memorize, README "Is it a matter of scale?")
+    widths: str = "32,64,128"  # comma list: the GPT's widths on that axis (4 layers, 4 heads; 256 does not memorize)
     lrs: str = "1e-4,3e-5"  # comma list: the learning rates on that axis (pure bf16, 100 steps)
     real: str = ""  # comma list of real-model study directories (their results.json) set beside the widths
     headline: str = ""  # comma list of studies of one setting at several seeds: their headline, mean ± sd, only
