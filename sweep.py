@@ -26,11 +26,10 @@ import numpy as np
 import torch
 
 import evaluate
-import metrics
 import model as M
 from data.prepare import DataConfig
 from evaluate import CONSTRAINED, RETAINED, SURE, logged, mean_sd, plain
-from figures import save_png
+from figures import law_points, save_png
 from settings import cli
 from train import TrainConfig, train_all
 
@@ -132,7 +131,7 @@ def sweep(cfg, conditions=SWEEP):
         res = logged(cdir / "logs" / "study.log", evaluate.main, argv)
         conds.append(dict(c, dir=str(cdir.relative_to(root)), retained=res["retained"], rows=res["rows"]))
         got = {p: res["retained"].get(p, {}).get("constrained", {}).get("verbmem_forget") for p in ("fp32", "rtn4")}
-        moved, back, kept = (mech_mean(res["rows"], k) for k in ("mech_moved", "mech_same_moved", "mech_kept"))
+        moved, back, kept = (constrained_mean(res["rows"], k) for k in ("mech_moved", "mech_same_moved", "mech_kept"))
         print(f"[{time.time() - t0:5.0f}s] {i + 1}/{len(conditions)} {c['axis']}: {c['dtype']} "
               f"{c['unlearn'] or 'defaults'}, target {c['train'] or 'defaults'}, seed {c['seed']} | retained VerbMem % "
               + " ".join(
@@ -153,7 +152,7 @@ def sweep(cfg, conditions=SWEEP):
     return results
 
 
-def mech_mean(rows, key, precision="rtn4"):
+def constrained_mean(rows, key, precision="rtn4"):
     """The mean over the utility-constrained methods of a statistic of a study's rows (a mechanism one by default)."""
     values = [np.nan if r.get(key) is None else r[key] for r in rows
               if r["model"] in CONSTRAINED and r["precision"] == precision]
@@ -174,20 +173,19 @@ def scale_points(conds, real_dirs=()):
         studies.append((f"{Path(args['hf_dir']).name} ({d}, seed {res['meta']['seed']})", hf["num_hidden_layers"],
                         hf["hidden_size"], dict(lr=lr, steps=steps), res["rows"]))
     return [dict(model=name, layers=layers, width=width, lr=unlearn["lr"], steps=unlearn.get("steps"),
-                 **{f"{k}_{p}": mech_mean(rows, f"{k}_verbmem_forget", p) for k in ("retained", "excess")
+                 **{f"{k}_{p}": constrained_mean(rows, f"{k}_verbmem_forget", p) for k in ("retained", "excess")
                     for p in ("fp32", "rtn4", "fp4")},
                  **{f"law_{k}_rtn4": law_mean(rows, k) for k in ("retained", "excess")},
-                 **{k: mech_mean(rows, f"mech_{k}") for k in ("moved", "same_moved", "kept")})
+                 **{k: constrained_mean(rows, f"mech_{k}") for k in ("moved", "same_moved", "kept")})
             for name, layers, width, unlearn, rows in studies]
 
 
 def law_mean(rows, share, precision="rtn4"):
-    """The recovery law's prediction (metrics.predicted_retained) of a share ("retained" or "excess") of VerbMem at
-    precision, from each utility-constrained method's fp32 value and kept, averaged over the methods."""
-    by, k = {(r["model"], r["precision"]): r for r in rows}, f"{share}_verbmem_forget"
-    values = [metrics.predicted_retained(by[m, "fp32"][k], by[m, precision]["mech_kept"]) for m in CONSTRAINED
-              if (m, precision) in by and None not in (by[m, "fp32"].get(k), by[m, precision].get("mech_kept"))]
-    return float(np.mean(values)) if values else np.nan
+    """The recovery law's prediction (figures.law_points) of a share ("retained" or "excess") of VerbMem at
+    precision, averaged over the utility-constrained methods."""
+    picked = [r for r in rows if r["model"] in CONSTRAINED and r["precision"] in ("fp32", precision)]
+    points = law_points(dict(rows=picked), share=share)
+    return float(np.mean([law for _, law, _ in points])) if points else np.nan
 
 
 def headline(conds):
@@ -256,7 +254,7 @@ def figure6(results, fig_dir="figures"):
                 ("mech_moved", "o", "tab:green", "share of weights moved"),
                 ("mech_same_moved", "s", "tab:purple", "moved ones back on the target's rtn4 code"),
                 ("mech_kept", "^", "tab:orange", "update kept by rounding, ⟨Q(θ_u) − Q(θ_o), δ⟩ / |δ|²")):
-            axes[1, 0].plot([lr for lr, _ in grid[d]], [mech_mean(c["rows"], key) for _, c in grid[d]], marker=marker,
+            axes[1, 0].plot([lr for lr, _ in grid[d]], [constrained_mean(c["rows"], key) for _, c in grid[d]], marker=marker,
                             ls=ls, color=color, label=f"{d}: {what}")
     scale = "log" if any(grid.values()) else "linear"
     axes[0, 2].set(xscale=scale, xlabel="learning rate (100 steps)", ylabel="retained VerbMem %",
@@ -303,9 +301,9 @@ def study_headline(rows, precisions):
     by = {(r["model"], r["precision"]): r for r in rows}
     sure = lambda p, k: by[("npo_klr_sure", p)][k] if ("npo_klr_sure", p) in by else None
     return {p: dict(target_verbmem=by["target", p]["verbmem_forget"], target_exact=100 * by["target", p]["forget_exact"],
-                    retrain_verbmem=by["retrain", p]["verbmem_forget"], verbmem=mech_mean(rows, "verbmem_forget", p),
-                    excess=mech_mean(rows, "excess_verbmem_forget", p), privleak=mech_mean(rows, "privleak", p),
-                    kept=mech_mean(rows, "mech_kept", p), sure_excess=sure(p, "excess_verbmem_forget"),
+                    retrain_verbmem=by["retrain", p]["verbmem_forget"], verbmem=constrained_mean(rows, "verbmem_forget", p),
+                    excess=constrained_mean(rows, "excess_verbmem_forget", p), privleak=constrained_mean(rows, "privleak", p),
+                    kept=constrained_mean(rows, "mech_kept", p), sure_excess=sure(p, "excess_verbmem_forget"),
                     sure_privleak=sure(p, "privleak")) for p in precisions}
 
 
@@ -381,5 +379,5 @@ if __name__ == "__main__":
         M.write_json(Path(cfg.out_dir) / "headline.json", result)
         headline_report(result)
     else:
-        axis = scale([int(w) for w in cfg.widths.split(",")], [float(lr) for lr in cfg.lrs.split(",")])
-        sweep(cfg, axis if cfg.scale else SWEEP)
+        sweep(cfg, scale([int(w) for w in cfg.widths.split(",")], [float(lr) for lr in cfg.lrs.split(",")])
+              if cfg.scale else SWEEP)
