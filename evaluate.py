@@ -3,20 +3,23 @@ The study: every unlearning method, every precision, every metric, in one comman
 
 $ python evaluate.py                               # trains what is missing, runs the 14 methods, measures 16 models
                                                    # x 5 precisions -> out/results.json, out/results.csv, figures/*.png
-$ python evaluate.py --methods ga_gdr,npo_klr --precisions fp32,rtn4,fp4
+$ python evaluate.py --methods ga_gdr,npo_klr --precisions full,rtn4,fp4
 $ python evaluate.py --force                       # rerun every method, re-measure every row
 $ python evaluate.py --dtype bfloat16 --unlearn_args "--lr 1e-4 --steps 100"   # pure bf16 unlearning, other lr
 $ python evaluate.py --seeds 1337,1338,1339        # the study at three seeds -> out/seeds.json, mean ± sd
 $ python evaluate.py --base hf:DIR --train_args "--tune_lr 1e-4" --out_dir out_hf   # a local Hugging Face causal LM
                                                    # as the base of it all (train.py; hf:smollm2 for SmolLM2-135M)
 
-base/target/retrain are trained only when missing (`python model.py --force` retrains them). The rest is keyed on
+base/target/retrain are trained only when missing (`python model.py --force` retrains them; models on disk trained
+with other values of the settings --train_args names, or from another --base, are refused). The rest is keyed on
 content, not on timestamps: a method runs again when its checkpoint is missing, or when out/runs/<method>.json, the
-record of the run that made it, names another command, another target.pt or another checkpoint (a hash of each);
-each (model, precision) row is cached in out/rows/ under a key of the model's and the target's hashes and the
-settings. Quantized models live in memory only. Methods and rows run in worker processes (--workers). Logs of
-training and unlearning: out/logs/. The metrics themselves are in metrics.py, the figures in figures.py, and the
-sweep over learning rates, dtypes and quantizers in sweep.py.
+record of the run that made it, names other resolved settings (every default filled in), another environment
+(device, torch/transformers versions, threads, the code: settings.environment), another target.pt or another
+checkpoint (a hash of each); each (model, precision) row is cached in out/rows/ under a key of the model's and the
+target's hashes, the settings and the environment. Quantized models live in memory only. Methods and rows run in
+worker processes (--workers); SIGTERM or Ctrl-C stops them, and what had finished stays cached. Logs of training and
+unlearning: out/logs/. The metrics themselves are in metrics.py, the figures in figures.py, and the sweep over
+learning rates, dtypes and quantizers in sweep.py.
 """
 import concurrent.futures
 import contextlib
@@ -31,6 +34,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -47,18 +51,19 @@ import model as M
 import quantize_cli as QC
 import train as T
 from data.prepare import DataConfig, load_data
-from settings import check_range, cli
+from settings import check_range, cli, environment
 from unlearn import METHODS
 
 CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrained methods of the 21% -> 83%
 SURE = tuple(m + "_sure" for m in CONSTRAINED)  # the same with SURE, the paper's fix, averaged on their own
-PRECISIONS = {"fp32": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(method=m, bits=b, **kw) for m, b, kw in (
+PRECISIONS = {"full": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(method=m, bits=b, **kw) for m, b, kw in (
     ("rtn", 8, dict(absmax=True)), ("rtn", 4, {}), ("gptq", 4, {}), ("nf4", 4, {}), ("fp4", 4, {}),
     ("rtn", 4, dict(sym=False)), ("gptq", 4, dict(group_size=128)),
     *(("rtn", 4, dict(group_size=g, sym=s)) for g in (32, 64, 128) for s in (True, False))))}}
 # block Linears only; per output channel and symmetric (the paper's Eq. 2) unless the name says _asym (min-max) or
 # _gN (a grid per N input columns, the last group ragged where N does not divide them); nf4/fp4 per block of 64.
-# int8 is LLM.int8's absmax grid. "fp32" is the unquantized model in its own dtype
+# int8 is LLM.int8's absmax grid. "full" is full precision: the unquantized model, stored in its own dtype (float32,
+# or bf16 in a pure-bf16 study: results.json's meta.settings.dtype), measured in float32 arithmetic (measure_model)
 RETAINED = ("verbmem_forget", "knowmem_forget", "forget_exact")  # retained % is reported for these
 PACKAGES = ("torch", "numpy", "tiktoken", "matplotlib")  # their versions go into results.json
 
@@ -68,12 +73,12 @@ class StudyConfig:
     out_dir: str = "out"  # checkpoints are read and made here; results.json/.csv, rows/ and logs/ are written here
     fig_dir: str = "figures"  # where the figures go
     methods: str = ",".join(METHODS)  # comma list of the unlearning methods to run (when missing) and measure
-    precisions: str = "fp32,int8,rtn4,gptq4,nf4"  # comma list of fp32 int8 rtn4 gptq4 nf4 fp4 (fp32 is always in)
+    precisions: str = "full,int8,rtn4,gptq4,nf4"  # comma list: full (unquantized, always in), int8, rtn4, nf4, ...
     force: bool = False  # rerun every method and re-measure every row (`python model.py --force` retrains the models)
     seed: int = 1337  # training, unlearning, and GPTQ's calibration windows
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     workers: int = 0  # processes running methods and measurements side by side; 0 = one per CPU core up to 4
-    el_stride: int = 16  # EL_10 starts at t = 1, 1+stride, ... and is measured at fp32 only (0 = not at all)
+    el_stride: int = 16  # EL_10 starts at t = 1, 1+stride, ... and is measured at full precision only (0 = never)
     top_k: int = 10  # the likelihood-ranked extraction attack extracts the k likeliest forget sequences
     dtype: str = "float32"  # weights of the unlearning runs, float32 | bfloat16 (pure); target/retrain measured in it
     unlearn_args: str = ""  # more settings for every unlearning script, e.g. "--lr 1e-4 --steps 100"
@@ -111,17 +116,32 @@ def command(cfg, name):
                                      "--dtype", cfg.dtype] + shlex.split(cfg.unlearn_args))
 
 
+def resolved(cfg, name):
+    """The settings the method's run resolves its command line to (every default filled in), as one dict: a default
+    that changes changes them, where the command line would not."""
+    module, *argv = command(cfg, name)
+    mod = importlib.import_module(module)
+    return {k: v for c in cli(mod.__doc__, *mod.SETTINGS, argv=argv) for k, v in asdict(c).items()}
+
+
+def env(cfg):
+    """The environment (settings.environment) of the study's jobs."""
+    dev = M.pick_device(cfg.device)
+    return environment(dev, cfg.base, JOB_THREADS, M.bf16_native(dev) if cfg.dtype == "bfloat16" else None)
+
+
 def made(cfg, name):
-    """The record of the run that made out_dir/<name>.pt (its command, and the hashes of the target it started from
-    and of the checkpoint it wrote), if it still describes what is on disk and what the study would run; else
-    None."""
+    """The record of the run that made out_dir/<name>.pt (its resolved settings, the environment, and the hashes of
+    the target it started from and of the checkpoint it wrote), if it still describes what is on disk and what the
+    study would run; else None."""
     out = Path(cfg.out_dir)
     try:
         rec = json.loads((out / "runs" / f"{name}.json").read_text())
     except (OSError, ValueError):
         return None
-    now = dict(command=command(cfg, name), target=M.digest(out / "target.pt"), result=M.digest(out / f"{name}.pt"))
-    return rec if rec == now else None
+    now = dict(settings=resolved(cfg, name), environment=env(cfg), target=M.digest(out / "target.pt"),
+               result=M.digest(out / f"{name}.pt"))
+    return rec if {k: rec.get(k) for k in now} == now else None
 
 
 def run_method(cfg, name):
@@ -138,7 +158,8 @@ def run_method(cfg, name):
         logged(log, run)
     except SystemExit as e:
         raise SystemExit(f"{name} (python {module}.py {shlex.join(argv)}) failed: {e}\nits log: {log}") from None
-    M.write_json(out / "runs" / f"{name}.json", dict(command=[module, *argv], target=target,
+    M.write_json(out / "runs" / f"{name}.json", dict(command=[module, *argv], settings=resolved(cfg, name),
+                                                     environment=env(cfg), target=target,
                                                      result=M.digest(out / f"{name}.pt")))
     return time.time() - t
 
@@ -153,11 +174,12 @@ def plain(x):
 
 
 def row_key(cfg, name, prec):
-    """What a row depends on: the model's and the target's checkpoint (hashes) and the settings that measure it."""
+    """What a row depends on: the model's and the target's checkpoint (hashes), the settings that measure it, and
+    the environment."""
     out = Path(cfg.out_dir)
     quant = PRECISIONS[prec] and asdict(replace(PRECISIONS[prec], seed=cfg.seed))
     return dict(model=M.digest(out / f"{name}.pt"), target=M.digest(out / "target.pt"), quant=quant, dtype=cfg.dtype,
-                el_stride=cfg.el_stride, top_k=cfg.top_k)
+                el_stride=cfg.el_stride, top_k=cfg.top_k, environment=env(cfg))
 
 
 def cached(cfg, name, prec):
@@ -172,13 +194,16 @@ def cached(cfg, name, prec):
 
 def measure_model(cfg, name, precisions):
     """A job: the rows of one model at the given precisions, each a copy quantized in memory and measured, for the
-    unlearned models at rtn/nf4/fp4 with the mechanism against the target; each row is cached in out/rows/."""
+    unlearned models at rtn/nf4/fp4 with the mechanism against the target; each row is cached in out/rows/. Every
+    row is measured in float32 arithmetic: a bf16 model's weights are float32 numbers exactly, so the unquantized
+    row is the stored model itself, and a quantized copy holds exactly its quantizer's levels (written back into
+    bf16 weights they would be rounded again: at int8, 99% of them off the grid)."""
     out, dev, dtype, res = Path(cfg.out_dir), M.pick_device(cfg.device), M.weight_dtype(cfg.dtype), []
     target, ckpt = M.load_checkpoint(out / "target.pt", dev)
     data = load_data(DataConfig(**ckpt["data"]), out)
-    target, model = target.to(dtype), M.load_checkpoint(out / f"{name}.pt", dev)[0].to(dtype)
+    target, model = M.to_dtype(target, dtype), M.to_dtype(M.load_checkpoint(out / f"{name}.pt", dev)[0], dtype)
     for p in precisions:
-        t, qmodel, qcfg, quant = time.time(), copy.deepcopy(model), PRECISIONS[p], {}
+        t, qmodel, qcfg, quant = time.time(), M.to_dtype(copy.deepcopy(model), torch.float32), PRECISIONS[p], {}
         row = dict(model=name, precision=p)
         if qcfg is not None:
             _, quant = QC.quantize_with(qmodel, replace(qcfg, seed=cfg.seed), data)
@@ -202,11 +227,12 @@ def run_and_measure(pool, cfg, run, todo):
     """Yields ("method", name, seconds) and ("rows", name, rows) as the jobs finish: the methods to run, and the rows
     of every model, a method's as soon as it has run (so no worker waits for the slowest method)."""
     if pool is None:
-        yield from (("method", m, run_method(cfg, m)) for m in run)
-        yield from (("rows", n, measure_model(cfg, n, ps)) for n, ps in todo.items() if ps)
+        with job_threads():
+            yield from (("method", m, run_method(cfg, m)) for m in run)
+            yield from (("rows", n, measure_model(cfg, n, ps)) for n, ps in todo.items() if ps)
         return
-    rows = lambda n: pool.submit(measure_model, cfg, n, todo[n])
-    pending = {pool.submit(run_method, cfg, m): ("method", m) for m in run}
+    rows = lambda n: pool.submit(in_worker, measure_model, cfg, n, todo[n])
+    pending = {pool.submit(in_worker, run_method, cfg, m): ("method", m) for m in run}
     pending.update({rows(n): ("rows", n) for n, ps in todo.items() if ps and n not in run})
     while pending:
         done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -217,12 +243,78 @@ def run_and_measure(pool, cfg, run, todo):
             yield kind, name, f.result()
 
 
+JOB_THREADS = 1  # torch threads of every method run and measurement: the models are small, the workers share the
+# cores, and a thread count is part of a result (it changes the order of float sums)
+
+
+@contextlib.contextmanager
+def job_threads():
+    """Jobs run in this process (--workers 1) with JOB_THREADS torch threads, as in a worker."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(JOB_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def machine(device, workers):
+    """Where the numbers come from: the platform, the CPU's model and torch's kernel level for it (AVX2, AVX512,
+    ...: pure bf16 is native only on some), the device and the workers."""
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")),
+               platform.processor()) if cpuinfo.exists() else platform.processor()
+    return dict(platform=platform.platform(), cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                cpu_count=os.cpu_count(), device=device, workers=workers, job_threads=JOB_THREADS)
+
+
+class Stopped(BaseException):
+    """SIGTERM in a worker: unwinds the job it runs (atomic writes remove their temporary files), then it exits."""
+
+
+BUSY = []  # in a worker: non-empty while it runs a job
+
+
+def terminated(signum, frame):
+    if BUSY:
+        raise Stopped()
+    os._exit(143)
+
+
+def start_worker():
+    """A worker process: JOB_THREADS torch threads; SIGTERM ends its job cleanly (in_worker), then the process.
+    Ctrl-C is left to the study, which stops the workers."""
+    torch.set_num_threads(JOB_THREADS)
+    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def in_worker(fn, *args):
+    """fn(*args) in a worker; stopped by SIGTERM, the worker exits after fn's cleanup (concurrent.futures would send
+    the exception back and wait for the next job)."""
+    BUSY.append(fn)
+    try:
+        return fn(*args)
+    except Stopped:
+        os._exit(143)
+    finally:
+        BUSY.clear()
+
+
+def stop_workers(pool):
+    """Ends the workers of a study that is being stopped: each one unwinds its job and exits (start_worker)."""
+    for p in multiprocessing.active_children():
+        p.terminate()
+    pool.shutdown(cancel_futures=True)
+
+
 def jobs(pool, fn, args):
     """Yields (args, fn(*args)) for each tuple of args, as the jobs finish in the pool (here, without one)."""
     if pool is None:
-        yield from ((a, fn(*a)) for a in args)
+        with job_threads():
+            yield from ((a, fn(*a)) for a in args)
         return
-    futures = {pool.submit(fn, *a): a for a in args}
+    futures = {pool.submit(in_worker, fn, *a): a for a in args}
     for f in concurrent.futures.as_completed(futures):
         yield futures[f], f.result()
 
@@ -249,7 +341,8 @@ def relative(rows, precisions):
     """Adds what compares models at the same precision p: PrivLeak against this run's retrain model at p (its AUC
     moves with quantization too, so the unlearned model is held to the gold standard under the same rounding; the
     paper's code hard-codes one full-precision AUC), retained % against the target at p, and retained % of the
-    target's excess over the retrain model at p (metrics.excess_retained). Returns both averaged over the
+    target's excess over the retrain model at p (metrics.excess_retained, beside the gap it divides by, gap_*; not read
+    where the gap is under metrics.EXCESS_FLOOR of the target's metric). Returns both averaged over the
     utility-constrained methods, and over their SURE versions, per precision."""
     by = {(r["model"], r["precision"]): r for r in rows}
     for r in rows:
@@ -257,6 +350,7 @@ def relative(rows, precisions):
         r["privleak"] = metrics.privleak(r["mia_auc"], retrain["mia_auc"])
         r.update({f"retained_{k}": metrics.retained_pct(r[k], target[k]) for k in RETAINED})
         r.update({f"excess_{k}": metrics.excess_retained(r[k], target[k], retrain[k]) for k in RETAINED})
+        r.update({f"gap_{k}": target[k] - retrain[k] for k in RETAINED})  # what excess_* divides by
     mean = lambda v: torch.tensor(v, dtype=torch.float64).nanmean().item()
     summary = {}
     for p in precisions:
@@ -285,19 +379,26 @@ def write_csv(path, rows):
     M.atomic_write_bytes(path, buf.getvalue().encode())
 
 
+def stop(signum, frame):
+    raise SystemExit(f"stopped ({signal.Signals(signum).name}): what had finished is cached; rerun the same "
+                     f"command to go on from there")
+
+
 def main(argv=None):
     cfg, rcfg = cli(__doc__, StudyConfig, durability.RelearnConfig, argv=argv)
+    signal.signal(signal.SIGTERM, stop)  # unwinds as Ctrl-C does: the workers are stopped, partial files removed
     if cfg.seeds:
         return over_seeds(cfg, sys.argv[1:] if argv is None else argv)
     M.weight_dtype(cfg.dtype)  # refuses an unknown one before anything runs
     methods = names(cfg.methods, METHODS, "methods")
-    precisions = list(dict.fromkeys(["fp32", *names(cfg.precisions, PRECISIONS, "precisions")]))
+    precisions = list(dict.fromkeys(["full", *names(cfg.precisions, PRECISIONS, "precisions")]))
     out, dev, t_start, seconds, cpu_start = Path(cfg.out_dir), M.pick_device(cfg.device), time.time(), {}, cpu_time()
     workers = cfg.workers or (1 if dev.startswith("cuda") else min(4, os.cpu_count() or 1))
     models = ["target", "retrain", *methods]
     tcfg, dcfg = cli(T.__doc__, T.TrainConfig, DataConfig, argv=shlex.split(cfg.train_args) + [
         "--out_dir", cfg.out_dir, "--device", cfg.device, "--seed", str(cfg.seed), "--base", cfg.base])
-    T.check_base(out, cfg.base)
+    given = {a[2:].split("=")[0].removeprefix("no-") for a in shlex.split(cfg.train_args) if a.startswith("--")}
+    T.check_settings(out, tcfg, dcfg, only=given | {"base"})  # the models on disk are the study's, unless told
     train = not all((out / f"{n}.pt").exists() for n in ("target", "retrain"))
     run = [m for m in methods if cfg.force or train or made(cfg, m) is None]  # missing, or made otherwise
     todo = {n: [p for p in precisions if cfg.force or n in run or cached(cfg, n, p) is None] for n in models}
@@ -311,9 +412,8 @@ def main(argv=None):
         logged(out / "logs" / "train.log", T.train_all, tcfg, dcfg)
         seconds["train"] = progress.done("train", "data, base, target, retrain", time.time() - t)
 
-    # one torch thread per worker: the models are small, and the workers share the cores
     pool = None if workers == 1 else concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,))
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker)
     try:
         t_rows = time.time()
         for kind, name, res in run_and_measure(pool, cfg, run, todo):
@@ -324,6 +424,10 @@ def main(argv=None):
                               sum(c["seconds"]["total"] for c in res), len(res))
         curves = {name: res for (_, _, name), res in jobs(pool, durability.relearn_model,
                                                           [(cfg, rcfg, n) for n in models if cfg.durability])}
+    except BaseException:
+        if pool is not None:
+            stop_workers(pool)
+        raise
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -344,8 +448,7 @@ def main(argv=None):
                 corpora=target_ckpt["corpora"], data=target_ckpt["data"], training=target_ckpt["config"],
                 methods=method_meta, mech_bins=list(metrics.RATIO_BINS[:-1]), seconds=seconds,
                 quantizers={p: PRECISIONS[p] and asdict(replace(PRECISIONS[p], seed=cfg.seed)) for p in precisions},
-                machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(), device=dev, workers=workers,
-                             torch_threads=torch.get_num_threads()))
+                machine=machine(dev, workers))
     results = plain(dict(meta=meta, retained=summary, rows=rows))
     if cfg.durability:
         results["durability"] = plain(dict(settings=asdict(rcfg), curves={n: curves[n] for n in models},
@@ -372,11 +475,19 @@ def mean_sd(values):
     return [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
 
 
+def seed_list(value):
+    """--seeds: a comma list of distinct integers."""
+    got = [v.strip() for v in value.split(",") if v.strip()]
+    if not got or not all(v.lstrip("-").isdigit() for v in got) or len(set(map(int, got))) < len(got):
+        raise SystemExit(f"--seeds {value!r}: give a comma list of distinct integer seeds, e.g. 1337,1338,1339")
+    return [int(v) for v in got]
+
+
 def over_seeds(cfg, argv):
     """--seeds: the study once per seed (the first in out_dir itself, the others in out_dir/seed_<s>, each with its
     own base/target/retrain; the data are the same), then every number's mean ± sample sd over the seeds:
     out_dir/seeds.json, and Table 1 with its spreads, printed."""
-    seeds, t0 = [int(s) for s in cfg.seeds.split(",")], time.time()
+    seeds, t0 = seed_list(cfg.seeds), time.time()
     runs = [main([*argv, "--seeds", "", "--seed", str(s)] + ([] if i == 0 else [
         "--out_dir", str(Path(cfg.out_dir) / f"seed_{s}"), "--fig_dir", ""])) for i, s in enumerate(seeds)]
     by = {}
@@ -401,15 +512,16 @@ def over_seeds(cfg, argv):
 
 
 def report(results):
-    """The paper's Table 1 layout (Zhang et al. 2024, Table 1) at fp32 and the first 4-bit precision, then the
+    """The paper's Table 1 layout (Zhang et al. 2024, Table 1) at full precision and the first 4-bit one, then the
     retained summary. A number is a float, or [mean, sd] over seeds (out/seeds.json)."""
     rows, precs = results["rows"], results["meta"]["precisions"]
-    shown = ["fp32"] + [p for p in precs if p.endswith("4")][:1]
+    shown = ["full"] + [p for p in precs if p.endswith("4")][:1]
 
     def fmt(v, scale=1):
         if v is None:
             return f"{'n/a':>12}"
         return f"{scale * v[0]:7.1f} ±{scale * v[1]:4.1f}" if isinstance(v, list) else f"{scale * v:12.1f}"
+    print(f"full precision: the unquantized models, {results['meta']['settings']['dtype']} weights")
     print(f"{'model':<14}{'precision':<10}" + "".join(f"{h:>12}" for h in (
         "VerbMem", "KnowMem", "PrivLeak", "KnowMem-ret", "exact %", "ppl")))
     for r in rows:

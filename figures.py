@@ -42,7 +42,7 @@ def figures(results, fig_dir="figures"):
     methods = [m for m in models if m in METHODS]
     color = {"target": "black", "retrain": "grey", **{m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}}
     low = next((p for p in precs if p.endswith("4")), precs[-1])  # the 4-bit precision of figures 3 and 4
-    both, paths = list(dict.fromkeys(["fp32", low])), []
+    both, paths = list(dict.fromkeys(["full", low])), []
 
     def save(fig, name):
         paths.append(save_png(fig, Path(fig_dir) / name))
@@ -57,7 +57,7 @@ def figures(results, fig_dir="figures"):
     fig.suptitle("1. Does quantization bring the forgotten text back?")
     save(fig, "1_recovery.png")
 
-    shown = [p for p in precs if p == "fp32" or p.endswith("4")]  # 2. retained %, full precision vs 4-bit
+    shown = [p for p in precs if p == "full" or p.endswith("4")]  # 2. retained %, full precision vs 4-bit
     groups = methods + [g for g in ("constrained", "sure") if any(g in results["retained"].get(p, {}) for p in shown)]
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.9 * len(groups)), 7), sharex=True, layout="constrained")
     x, w = np.arange(len(groups)), 0.8 / len(shown)
@@ -131,7 +131,8 @@ def figures(results, fig_dir="figures"):
 
 def figure7(dur, models, color, fig_dir="figures"):
     """The durability card (evaluate.py --durability): forget VerbMem of the half no attack trains on against the
-    relearning steps k, one panel per attack; then Q (4-bit) and R (one epoch of relearning) per model."""
+    relearning steps k, one panel per attack; then Q (4-bit) and R (one epoch of relearning, against retrain) per
+    model (durability.robustness, durability.relearn_robustness)."""
     import matplotlib.pyplot as plt
     attacks = list(next(iter(dur["curves"].values())))
     fig, axes = plt.subplots(1, len(attacks) + 1, figsize=(6 * (len(attacks) + 1), 4.8), layout="constrained")
@@ -149,7 +150,8 @@ def figure7(dur, models, color, fig_dir="figures"):
     for j, k in enumerate(scores):
         axes[-1].bar(x + (j - (len(scores) - 1) / 2) * w, [dur["card"][m][k] for m in models], w, label=k)
     axes[-1].set_xticks(x, models, rotation=45, ha="right", fontsize=8)
-    axes[-1].set(ylim=(0, 1.05), ylabel="1 - |after - before| / (|before| + |after|)", title="Q and R of VerbMem")
+    axes[-1].set(ylim=(0, 1.05), ylabel="1 = VerbMem moves as its control (Q: not at all, R: as retrain's)",
+                 title="Q and R of VerbMem")
     axes[-1].legend(fontsize=7, ncol=2)
     fig.suptitle("7. Does the unlearning survive relearning and quantization?")
     return save_png(fig, Path(fig_dir) / "7_durability.png")
@@ -157,13 +159,19 @@ def figure7(dur, models, color, fig_dir="figures"):
 
 def law_points(results, metric="verbmem_forget", share="retained"):
     """(measured, predicted, null) share of metric for every unlearned model at every quantizer the mechanism was
-    measured at: the law (metrics.predicted_retained from its fp32 row and kept) and the null law "quantization
-    changes nothing" (its fp32 value). share: "retained" (% of the target at p) or "excess" (% of the target's
+    measured at: the law (metrics.predicted_retained from its full-precision row, kept, and the target's, or for
+    the excess the target-retrain gap's, change under the quantizer) and the null law "quantization changes
+    nothing" (its full-precision value). share: "retained" (% of the target at p) or "excess" (% of the target's
     excess over the retrain model at p); rows where it is undefined are left out."""
     by, k = {(r["model"], r["precision"]): r for r in results["rows"]}, f"{share}_{metric}"
-    return [(r[k], metrics.predicted_retained(by[r["model"], "fp32"][k], r["mech_kept"]), by[r["model"], "fp32"][k])
-            for r in results["rows"] if r.get("mech_kept") is not None and r.get(k) is not None
-            and by[r["model"], "fp32"].get(k) is not None]
+
+    def scale(p):  # m_t / m_t,q, or the gap's ratio for the excess
+        lead = lambda q: by["target", q][metric] - (by["retrain", q][metric] if share == "excess" else 0)
+        return lead("full") / lead(p) if lead(p) else None
+    return [(r[k], metrics.predicted_retained(by[r["model"], "full"][k], r["mech_kept"], scale(r["precision"])),
+             by[r["model"], "full"][k]) for r in results["rows"]
+            if r.get("mech_kept") is not None and r.get(k) is not None and by[r["model"], "full"].get(k) is not None
+            and scale(r["precision"]) is not None]
 
 
 def figure8(studies, fig_dir="figures"):
@@ -186,7 +194,7 @@ def figure8(studies, fig_dir="figures"):
                 ax.scatter(pts[:, j], pts[:, 0], s=14, color=plt.cm.tab10(i % 10), label=f"{label} ({len(pts)})",
                            alpha=0.7)
         name = "retained VerbMem %" if share == "retained" else "excess retained VerbMem % (0 = retrain)"
-        for ax, law in zip(row, ("law: 100 − kept · (100 − at full precision)", "null: as at full precision")):
+        for ax, law in zip(row, ("law: 100 − kept · (100 − at full precision) · scale", "null: as at full precision")):
             ax.plot(lim[share], lim[share], color="grey", lw=1)
             ax.set(xlabel=f"predicted, {law}", xlim=lim[share], ylim=lim[share])
         row[0].set(ylabel=f"measured {name} after quantization")

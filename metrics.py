@@ -126,25 +126,33 @@ def retained_pct(metric_unlearned, metric_target):
     return float("nan") if metric_target == 0 else metric_unlearned / metric_target * 100
 
 
-def excess_retained(metric_unlearned, metric_target, metric_retrain):
+EXCESS_FLOOR = 0.1  # excess_retained is read only where the target leads retrain by 10% of its own score
+
+
+def excess_retained(metric_unlearned, metric_target, metric_retrain, floor=EXCESS_FLOOR):
     """Retained % of the target's excess over the retrain model at the same precision p:
     (metric(unlearned, p) − metric(retrain, p)) / (metric(target, p) − metric(retrain, p)) × 100. 0 = as clean as
     the gold standard, 100 = as the target. A graded metric such as VerbMem scores text a model never saw far above
     0 (a pretrained model continues templated text well), and quantization moves that floor too; this reads recovery
-    above it. nan when the target does not score above the retrain model."""
+    above it. A share of a small gap is noise times a large factor (a quantizer that took the target within a point
+    of retrain read −158%), so it is nan unless the gap is at least floor × the target's metric (and positive)."""
     gap = metric_target - metric_retrain
-    return float("nan") if gap <= 0 else (metric_unlearned - metric_retrain) / gap * 100
+    return float("nan") if gap <= 0 or gap < floor * abs(metric_target) else (
+        (metric_unlearned - metric_retrain) / gap * 100)
 
 
-def predicted_retained(retained_fp, kept):
-    """The recovery law: retained % after quantization predicted from full precision and the weights alone,
-    retained_q = 100 − kept · (100 − retained_fp). To first order along the update δ = θ_u − θ_o, quantization
-    moves the unlearned model's weights by kept · δ from the target's quantized weights (kept as mechanism()
-    measures it), so of what unlearning removed at full precision, 100 − retained_fp, the share kept stays
-    removed: kept 1 (an unbiased rounding) brings nothing back, kept 0 (every move rounded back) all of it. The same
-    reading holds for the share of the target's excess over the retrain model (excess_retained) in place of
-    retained %: there 0 is the gold standard's level at p, not a metric of 0."""
-    return 100 - kept * (100 - retained_fp)
+def predicted_retained(retained_fp, kept, scale=1.0):
+    """The recovery law: retained % after quantization at precision p predicted from full precision and the weights,
+    retained_q = 100 − kept · (100 − retained_fp) · scale,   scale = m(θ_o) / m(Q(θ_o)).
+    Derivation, to first order in the update δ = θ_u − θ_o of a forget metric m: at full precision m(θ_u) − m(θ_o)
+    = ∇m·δ = −(100 − retained_fp)/100 · m(θ_o). Quantization moves the unlearned weights kept · δ away from the
+    quantized target's (Q(θ_u) − Q(θ_o) ≈ kept · δ along δ, kept as mechanism() measures it), so, with ∇m the same
+    at Q(θ_o), m(Q(θ_u)) = m(Q(θ_o)) − kept · (100 − retained_fp)/100 · m(θ_o); divided by m(Q(θ_o)) that is the law.
+    kept 1 brings nothing back, kept 0 everything. scale is 1 where quantization leaves the target's own metric
+    unchanged (the toy GPT); a target that quantization hurts (SmolLM2 at rtn4, VerbMem 97.8 → 60.5) makes the same
+    absolute loss a larger share. The same law holds for the share of the target's excess over the retrain model
+    (excess_retained) with scale = (m_t − m_r) / (m_t,q − m_r,q), the gaps at full precision and at p."""
+    return 100 - kept * (100 - retained_fp) * scale
 
 
 def outlier_auc(forget_ma, holdout_ma):

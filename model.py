@@ -10,12 +10,14 @@ $ python model.py                      # trains what is missing, writes out/{bas
 $ python model.py --force              # retrains everything
 $ python model.py --dtype bfloat16     # pure bf16 weights, no float32 master copy
 """
+import functools
 import hashlib
 import io
 import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,6 +170,74 @@ def weight_dtype(name):
     return dtypes[name]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# pure bf16 at float32 speed: bf16 storage, with the arithmetic in bf16 only where the hardware does it fast
+
+@functools.lru_cache
+def bf16_native(device):
+    """Whether bf16 arithmetic is fast on the device, decided by a short timing rather than a CPU name: on CUDA, yes;
+    on a CPU, a (256, 576) x (576, 1536) matmul, one thread, median of 5, in bf16 against float32. Native when bf16
+    takes at most 2x float32's time: with AMX or AVX512-BF16 it is faster than float32, and torch emulates it
+    elsewhere (10x slower on an AVX2-only CPU), so the margin keeps a loaded machine from flipping the choice."""
+    if device.startswith("cuda"):
+        return True
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def median(dtype):
+            gen = torch.Generator().manual_seed(0)  # the global generator stays untouched
+            a, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((256, 576), (576, 1536)))
+            a @ b  # warm-up
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - t)
+            return sorted(times)[2]
+        return median(torch.bfloat16) <= 2 * median(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compute_dtype(dtype, device):
+    """The dtype a model of storage dtype `dtype` computes in: bf16 where bf16_native, else float32, whose numbers
+    hold bf16 values exactly (adamw rounds them back after every step)."""
+    return torch.float32 if dtype == torch.bfloat16 and not bf16_native(device) else dtype
+
+
+def store_bf16(opt, args=None, kwargs=None):
+    """Rounds every parameter of the optimizer and its state (AdamW's two moments; not the step count) to the
+    nearest bf16 number, in place: what a pure-bf16 step stores. An update below half a bf16 spacing is lost, as
+    in pure bf16 (a model loaded in bf16 and trained with no float32 master copy, the paper's setting)."""
+    with torch.no_grad():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.copy_(p.bfloat16())
+                for k, v in opt.state[p].items():
+                    if k != "step" and torch.is_tensor(v) and v.is_floating_point():
+                        v.copy_(v.bfloat16())
+
+
+def adamw(params, dtype, **kw):
+    """torch's AdamW for parameters stored in dtype: float32 parameters stored as bf16 (compute_dtype) are rounded
+    back to bf16 after each step (store_bf16), so that only the arithmetic differs from a native bf16 step."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, **kw)
+    if dtype == torch.bfloat16 and any(p.dtype == torch.float32 for p in params):
+        opt.register_step_post_hook(store_bf16)
+    return opt
+
+
+def to_dtype(model, dtype):
+    """Casts the model's parameters (and their gradients) to dtype, in place, and returns it. Buffers keep their own
+    dtype: a Llama's RoPE frequencies (inv_freq) stay float32, as transformers keeps them, where model.to(dtype)
+    would round them to bf16 and the reloaded model would no longer be the one that was trained. Tied parameters
+    stay tied (each Parameter object is cast once, in place)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def pick_device(name="auto"):
     """The device, chosen once: CUDA when present, else CPU; --device overrides."""
     if name == "auto":
@@ -289,10 +359,24 @@ def atomic_write_bytes(path, data):
         raise
 
 
+def digest_bytes(data):
+    """A short hash of bytes."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+DIGESTS = {}  # (path, size, mtime) -> digest: each version of a file is hashed once per process
+
+
 def digest(path):
     """A short hash of a file's bytes (None if it is missing): what the study's caches are keyed on."""
     path = Path(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+    if not path.exists():
+        return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in DIGESTS:
+        DIGESTS[key] = digest_bytes(path.read_bytes())
+    return DIGESTS[key]
 
 
 def write_json(path, obj):
@@ -329,10 +413,11 @@ def load_checkpoint(path, device="cpu"):
     except SystemExit:
         raise
     except Exception as e:  # torch and pickle raise many kinds for a bad file; all of them mean the same here
-        raise SystemExit(f"{path}: not a readable nanoUnlearn checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-                         f"Delete it and rerun the command that makes it.") from None
+        raise SystemExit(f"{path}: not a nanoUnlearn checkpoint, or a damaged one ({type(e).__name__}: "
+                         f"{str(e)[:200]}); give the path of a model that model.py or an unlearning script wrote, "
+                         f"or rerun the command that makes it") from None
     dtype = next(iter(ckpt["model"].values())).dtype
-    return model.to(device=device, dtype=dtype).eval(), ckpt
+    return to_dtype(model.to(device), dtype).eval(), ckpt
 
 
 if __name__ == "__main__":  # the training program is train.py; `python model.py` is its command

@@ -11,6 +11,7 @@ transformers is imported only here (and by data/prepare.py for a Hugging Face to
 read (no download).
 """
 import importlib.util
+import inspect
 import os
 import shutil
 import time
@@ -50,6 +51,13 @@ class HFCausalLM(nn.Module):
         if len(found) != 1:
             raise SystemExit(f"{config.hf_dir}: cannot tell its decoder layers ({len(found)} lists of {n} modules)")
         self._blocks = f"hf.{found[0]}"  # a name, not the module: a second reference would be a second state_dict key
+        # The keyword forward takes the KV cache by: `cache` from transformers 5.24 on, `past_key_values` before (5.24
+        # keeps it as an alias until 5.40). transformers ignores an unknown keyword without a word, and greedy decoding
+        # would then see one token at a time: so the keyword is read off this model's own signature, never guessed.
+        takes = [k for k in ("cache", "past_key_values") if k in inspect.signature(hf.forward).parameters]
+        if not takes:
+            raise SystemExit(f"{config.hf_dir}: its forward takes no KV cache (neither cache= nor past_key_values=)")
+        self._cache_kw = takes[0]
 
     @property
     def blocks(self):
@@ -65,7 +73,8 @@ class HFCausalLM(nn.Module):
         if pos0 + T > self.config.block_size:
             raise ValueError(f"sequence of {pos0 + T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(pos0, pos0 + T, device=idx.device)[None]
-        logits = self.hf(input_ids=idx, position_ids=pos, cache=caches, use_cache=caches is not None).logits
+        cache = {self._cache_kw: caches}
+        logits = self.hf(input_ids=idx, position_ids=pos, use_cache=caches is not None, **cache).logits
         return logits, M.lm_loss(logits, targets)
 
     @classmethod
@@ -141,8 +150,9 @@ def smollm2(out_dir):
     kw = dict(gguf_file=gguf.name, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
     hf = auto_model().from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-    hf.hf_quantizer = None  # the weights are float32 already; the GGUF mark only stops save_pretrained
-    del hf.config.quantization_config
+    if getattr(hf, "hf_quantizer", None) is not None:  # transformers 5.x marks a model read from GGUF quantized: the
+        hf.hf_quantizer = None  # weights are float32 already, and the mark only stops save_pretrained
+        del hf.config.quantization_config
     tmp = dest.with_name(dest.name + ".tmp")
     hf.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -201,15 +211,16 @@ def quantize_hf(cfg):
     ids = torch.tensor(tok(Path(cfg.text).read_text())["input_ids"])
     if len(ids) < 32:
         raise SystemExit(f"--text {cfg.text}: only {len(ids)} tokens; give a longer text")
-    calib, ids = ids[:len(ids) // 2], ids[len(ids) // 2:]  # GPTQ's calibration text, and the scored text
+    calib, ids = ids[:len(ids) // 2], ids[len(ids) // 2:]  # GPTQ's and AWQ's calibration text, and the scored text
     ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
     T = min(512, ctx, len(calib) - 1)
     head = model.get_output_embeddings()
     layers = {n: m for n, m in model.named_modules() if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
               and (cfg.lm_head or m is not head)}
-    windows = Q.calibration_windows(calib, cfg.nsamples, T, cfg.seed) if cfg.method == "gptq" else None
+    windows = Q.calibration_windows(calib, cfg.nsamples, T, cfg.seed) if cfg.method in Q.CALIBRATED else None
     before, t0 = M.perplexity(model, ids, T), time.time()
-    Q.quantize_layers(model, layers, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder, cfg.absmax)
+    Q.quantize_layers(model, layers, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder, cfg.absmax,
+                      cfg.clip)
     after = M.perplexity(model, ids, T)
     print(f"{cfg.hf}: {QC.quant_name(cfg)} on {len(layers)} layers in {time.time() - t0:.1f}s"
           + (f", calibrated on the first half of {cfg.text} ({len(calib)} tokens)" if windows is not None else "")

@@ -1,11 +1,12 @@
 """
 Quantize the Linear layers of the transformer blocks and save a packed checkpoint: round-to-nearest
 integers (2..8 bits, symmetric absmax or asymmetric min-max, per output channel or per group of input columns),
-GPTQ, and bitsandbytes' NF4/FP4 codebooks. Finding 1 of the study: 4-bit rounding can undo unlearning.
+GPTQ, AWQ, and bitsandbytes' NF4/FP4 codebooks. Finding 1 of the study: 4-bit rounding can undo unlearning.
 
 $ python quantize.py --bits 4                         # the newest out/<method>.pt, RTN int4 -> out/<method>_rtn4.pt
 $ python quantize.py --bits 8 --absmax --ckpt out/target.pt   # int8: LLM.int8's grid, without its outlier path
 $ python quantize.py --method gptq --bits 4 --group_size 128 --no-sym
+$ python quantize.py --method awq --bits 4 --group_size 128 --no-sym   # AWQ's own setting; --no-clip: scales only
 $ python quantize.py --method nf4                     # or fp4: absmax per block of 64, as bitsandbytes
 $ python quantize.py --hf DIR --method gptq --bits 4 --text FILE   # any local Hugging Face causal LM
 
@@ -20,7 +21,8 @@ from torch.nn import functional as F
 
 import model as M
 
-METHODS = ("rtn", "gptq", "nf4", "fp4")
+METHODS = ("rtn", "gptq", "nf4", "fp4", "awq")
+CALIBRATED = ("gptq", "awq")  # the methods that need calibration windows
 
 # ----------------------------------------------------------------------------------------------------------------
 # the uniform integer grid shared by RTN and GPTQ (GPTQ's quant.py: find params, quantize)
@@ -144,6 +146,56 @@ def gptq(W, H, bits, group_size=0, sym=True, blocksize=128, percdamp=0.01, actor
     return Q[:, inv], codes[:, inv], scale, zero
 
 # ----------------------------------------------------------------------------------------------------------------
+# AWQ (Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han 2024, "AWQ: Activation-aware Weight Quantization for
+# LLM Compression and Acceleration", MLSys, arXiv 2306.00978), in the paper's and reference code's names
+
+def awq_rtn(W, s, bits, group_size=0, sym=True, absmax=False, ratio=1.0):
+    """Q(W·diag(s))·diag(s)⁻¹: RTN of the columns of W (out, in) scaled by s (in), each group's entries first clipped
+    to ±ratio·max|w| of the group (ratio a number, or one per group, (out, n_groups, 1)), the result scaled back.
+    Returns it (dequantized) and the codes, scale, zero of W·diag(s)."""
+    Wg = grouped(W * s, group_size or W.shape[1])
+    m = Wg.abs().amax(-1, keepdim=True) * ratio
+    q, scale, zero = rtn(torch.clamp(Wg, -m, m).flatten(1)[:, :W.shape[1]], bits, group_size, sym, absmax)
+    return dequantize(q, scale, zero, group_size) / s, q, scale, zero
+
+
+def group_error(D, G, g):
+    """‖D_j X_j‖² of each row and group j of g columns of D (out, in), from G = XᵀX (in, in): the output error of
+    each group on its own, which AWQ's clip search minimizes (the cross terms between groups are left out).
+    Returns (out, n_groups)."""
+    pad = -len(G) % g
+    Gj = F.pad(G, (0, pad, 0, pad)).unflatten(0, (-1, g)).unflatten(2, (-1, g)).diagonal(dim1=0, dim2=2)  # (g, g, J)
+    return torch.einsum("oja,abj,ojb->oj", grouped(D, g), Gj, grouped(D, g))
+
+
+def awq(W, X, bits, group_size=128, sym=False, absmax=False, clip=True, n_grid=20, max_shrink=0.5):
+    """AWQ (Eq. 4-5): scale the input channels of W (out, in) by s before rounding and back after, so that the
+    channels with large activations (the salient weights) lose less to rounding,
+      s* = argmin_s ‖Q(W·diag(s))·(diag(s)⁻¹·X) - WX‖²,  s = s_X^α,  α* = argmin over α = i/n_grid, i < n_grid,
+    s_X = mean over the tokens of |x| per input channel, from the calibration inputs X (n, in); as the reference
+    (auto_scale.py), s is clamped to >= 1e-4 and normalised to s / sqrt(max(s)·min(s)). Then, with clip, the clip
+    search of the reference (auto_clip.py, "mse_range"): each group of W·diag(s) is clipped to ±r·max|w|,
+    r = 1 - i/n_grid for i < max_shrink·n_grid, r chosen per row and group for the least error of that group's
+    output. The output error is tr(D XᵀX Dᵀ), D = W - Q, over all the calibration tokens.
+    The reference moves diag(s)⁻¹ into the op before the layer (LayerNorm, previous Linear) to run the scaled integer
+    weights; here the layer keeps Q(W·diag(s))·diag(s)⁻¹ itself, the same function, and the checkpoint stores s.
+    Defaults are AWQ's (asymmetric min-max, groups of 128). Returns Q (dequantized), codes, scale, zero, s, α."""
+    W, X = W.float(), X.float()
+    G, s_X = X.T @ X, X.abs().mean(0)
+    alphas = [i / n_grid for i in range(n_grid)]
+    scales = [s / (s.max() * s.min()).sqrt() for s in (s_X.pow(a).clamp(min=1e-4) for a in alphas)]
+    err = torch.stack([group_error(W - awq_rtn(W, s, bits, group_size, sym, absmax)[0], G, len(G)).sum()
+                       for s in scales])
+    i = err.argmin().item()  # the first (smallest) α on ties: α = 0, s = 1, is RTN
+    ratio = 1.0
+    if clip:
+        g, ratios = group_size or W.shape[1], torch.tensor([1 - j / n_grid for j in range(int(max_shrink * n_grid))])
+        err = torch.stack([group_error(W - awq_rtn(W, scales[i], bits, group_size, sym, absmax, r)[0], G, g)
+                           for r in ratios.tolist()])  # (ratios, out, n_groups)
+        ratio = ratios.to(W.device)[err.argmin(0)][..., None]  # ties: the widest range
+    return *awq_rtn(W, scales[i], bits, group_size, sym, absmax, ratio), scales[i], alphas[i]
+
+# ----------------------------------------------------------------------------------------------------------------
 # NF4 / FP4: bitsandbytes' 4-bit codebooks with absmax per block of 64 (Dettmers et al. 2023, QLoRA, arXiv 2305.14314)
 
 # The level of each 4-bit code, as bitsandbytes stores them (bitsandbytes/functional.py, get_4bit_type; the same
@@ -194,18 +246,23 @@ def unpack(packed, bits, n):
     return (b << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(1, dtype=torch.uint8)
 
 
-def quantize_weight(W, method, bits=4, group_size=0, sym=True, H=None, actorder=False, absmax=False):
-    """Quantize one weight (out, in) -> (Q dequantized, record to store: packed codes, scale, zero if asymmetric)."""
+def quantize_weight(W, method, bits=4, group_size=0, sym=True, H=None, actorder=False, absmax=False, X=None, clip=True):
+    """Quantize one weight (out, in) -> (Q dequantized, record to store: packed codes, scale, zero if asymmetric;
+    AWQ's per-input-channel scale s and its α too). GPTQ needs the Hessian H, AWQ the calibration inputs X (n, in)."""
+    extra = {}
     if method in CODEBOOKS:
         q, scale = codebook_quantize(W, CODEBOOKS[method])
         Q, zero = codebook_dequantize(q, scale, CODEBOOKS[method]), None
     else:
         if method == "gptq":
             Q, q, scale, zero = gptq(W, H, bits, group_size, sym, actorder=actorder, absmax=absmax)
+        elif method == "awq":
+            Q, q, scale, zero, s, alpha = awq(W, X, bits, group_size, sym, absmax, clip)
+            extra = {"awq_scale": s, "alpha": alpha}
         else:
             q, scale, zero = rtn(W, bits, group_size, sym, absmax)
             Q = dequantize(q, scale, zero, group_size)
-    rec = {"codes": pack(q, bits), "scale": scale, "shape": list(W.shape)}
+    rec = {"codes": pack(q, bits), "scale": scale, "shape": list(W.shape), **extra}
     if not sym and method not in CODEBOOKS:
         rec["zero"] = zero.to(torch.uint8)
     return Q, rec
@@ -218,16 +275,18 @@ def dequantize_record(rec, quant):
     if quant["method"] in CODEBOOKS:
         return codebook_dequantize(q, rec["scale"], CODEBOOKS[quant["method"]])
     zero = rec["zero"].float() if "zero" in rec else torch.full_like(rec["scale"], 2 ** (bits - 1))
-    return dequantize(q, rec["scale"], zero, quant["group_size"])
+    Q = dequantize(q, rec["scale"], zero, quant["group_size"])
+    return Q / rec["awq_scale"] if "awq_scale" in rec else Q  # AWQ: Q(W·diag(s))·diag(s)⁻¹
 
 # ----------------------------------------------------------------------------------------------------------------
-# whole models: layers in forward order, GPTQ's inputs taken with the earlier layers already quantized
+# whole models: layers in forward order, GPTQ's and AWQ's inputs taken with the earlier layers already quantized
 
 def check(method, bits):
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; the methods are {', '.join(METHODS)}")
     if method in CODEBOOKS and bits != 4:
-        raise ValueError(f"{method} is a 4-bit codebook; use --bits 4 with it (or --method rtn/gptq for {bits} bits)")
+        raise ValueError(f"{method} is a 4-bit codebook; use --bits 4 with it (or --method rtn/gptq/awq for {bits} "
+                         f"bits)")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be one of 2, 3, 4, 5, 6, 7, 8; got {bits}")
 
@@ -265,30 +324,36 @@ def layer_inputs(model, layers, windows, fn, batch_size=16):
 
 @torch.no_grad()
 def quantize_layers(model, layers, method, bits=4, group_size=0, sym=True, windows=None, actorder=False,
-                    absmax=False):
-    """Quantizes the layers (name -> nn.Linear or Conv1D), replacing each weight by its dequantized value; returns
-    name -> record. GPTQ is sequential, as the reference's true-sequential mode: layer l's Hessian H = 2XXᵀ/n comes
+                    absmax=False, clip=True):
+    """Quantizes the layers (name -> nn.Linear or Conv1D) of a float32 model, replacing each weight by its dequantized
+    value, exactly (a bf16 model is refused: its weights cannot hold the grid's levels); returns name -> record.
+    GPTQ is sequential, as the reference's true-sequential mode: layer l's Hessian H = 2XXᵀ/n comes
     from its inputs X with every layer before it already quantized. One forward pass of all the calibration windows
     does it: a hook on each layer takes X as the pass reaches the layer, quantizes the weight there, and the layer
     then runs quantized, so the layers after it see quantized inputs. (All windows form one batch: H needs every
-    token before the layer is quantized.)"""
+    token before the layer is quantized.) AWQ takes its X in the same pass, for its scales and its clip search (with
+    clip); its reference takes them from the full-precision model instead."""
     check(method, bits)
+    low = [n for n, layer in layers.items() if layer.weight.dtype != torch.float32]
+    if low:  # Q's levels written into a bf16 weight would be rounded again, off the grid (int8: by up to 0.46 Δ)
+        raise ValueError(f"{low[0]} is {str(layers[low[0]].weight.dtype)[6:]}: quantize a float32 copy "
+                         f"(model.to_dtype(model, torch.float32)), so that it holds exactly the quantizer's values")
     records = {}
-    if method != "gptq":
+    if method not in CALIBRATED:
         for name, layer in layers.items():
             W = weight_view(layer)
             Q, records[name] = quantize_weight(W.float(), method, bits, group_size, sym, None, actorder, absmax)
             W.copy_(Q)
         return records
     if windows is None:
-        raise ValueError("gptq needs calibration windows")
+        raise ValueError(f"{method} needs calibration windows")
 
     def quantize_here(name, X):
         if name in records:  # a layer called twice in one forward pass is quantized at its first call
             return
         W = weight_view(layers[name])
-        Q, records[name] = quantize_weight(W.float(), method, bits, group_size, sym, 2 * X.T @ X / len(X), actorder,
-                                           absmax)
+        H = 2 * X.T @ X / len(X) if method == "gptq" else None
+        Q, records[name] = quantize_weight(W.float(), method, bits, group_size, sym, H, actorder, absmax, X, clip)
         W.copy_(Q)
     layer_inputs(model, layers, windows, quantize_here, batch_size=len(windows))
     missing = [n for n in layers if n not in records]
@@ -335,19 +400,18 @@ def save_quantized(path, model, records, ckpt, quant, metrics=None):
 
 
 def load_quantized(path, device="cpu"):
-    """(model with the dequantized weights, checkpoint dict) of a checkpoint written by save_quantized."""
+    """(float32 model with the dequantized weights, checkpoint dict) of a checkpoint written by save_quantized."""
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"{path}: no such checkpoint; `python quantize.py --ckpt out/MODEL.pt` makes one")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch and pickle raise many kinds for a bad file; all of them mean the same here
-        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); delete it and "
-                         f"rerun `python quantize.py`") from None
+        raise SystemExit(f"{path}: not a nanoUnlearn quantized checkpoint, or a damaged one ({type(e).__name__}: "
+                         f"{str(e)[:200]}); `python quantize.py --ckpt out/MODEL.pt` writes one") from None
     if "quant" not in ckpt:
         raise SystemExit(f"{path} is not quantized: load it with model.load_checkpoint")
-    dtype = next(iter(ckpt["model"].values())).dtype
-    model = M.from_args(ckpt["model_args"]).to(device=device, dtype=dtype)
+    model = M.to_dtype(M.from_args(ckpt["model_args"]).to(device), torch.float32)  # holds the levels exactly
     keys = model.load_state_dict(ckpt["model"], strict=False)
     if keys.unexpected_keys:
         raise SystemExit(f"{path}: tensors this model does not have: {keys.unexpected_keys[:5]}")

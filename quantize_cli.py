@@ -5,6 +5,7 @@ before/after table.
 $ python quantize.py --bits 4                         # the newest out/<method>.pt, RTN int4 -> out/<method>_rtn4.pt
 $ python quantize.py --bits 8 --absmax --ckpt out/target.pt   # int8: LLM.int8's grid, without its outlier path
 $ python quantize.py --method gptq --bits 4 --group_size 128 --no-sym
+$ python quantize.py --method awq --bits 4 --group_size 128 --no-sym   # AWQ's own setting; --no-clip: scales only
 $ python quantize.py --method nf4                     # or fp4: absmax per block of 64, as bitsandbytes
 $ python quantize.py --hf DIR --method gptq --bits 4 --text FILE   # any local Hugging Face causal LM
 """
@@ -17,7 +18,7 @@ import torch
 
 import model as M
 from data.prepare import load_data
-from quantize import CODEBOOKS, METHODS, calibration_windows, check, output_error, quantize_layers, \
+from quantize import CALIBRATED, CODEBOOKS, METHODS, calibration_windows, check, output_error, quantize_layers, \
     quantized_layers, save_quantized
 from settings import check_range, cli
 from unlearn import METHODS as UNLEARNED
@@ -26,14 +27,15 @@ from unlearn import METHODS as UNLEARNED
 @dataclass
 class QuantConfig:
     ckpt: str = ""  # checkpoint to quantize; empty = the newest out/<method>.pt of the unlearning scripts
-    method: str = "rtn"  # rtn | gptq | nf4 | fp4
-    bits: int = 4  # 2..8 for rtn and gptq (8 = int8 per channel); nf4 and fp4 are 4-bit
+    method: str = "rtn"  # rtn | gptq | awq | nf4 | fp4
+    bits: int = 4  # 2..8 for rtn, gptq and awq (8 = int8 per channel); nf4 and fp4 are 4-bit
     group_size: int = 0  # 0 = one grid per output channel; 32/64/128 = per group of input columns
     sym: bool = True  # symmetric absmax (the paper's Eq. 2); --no-sym = asymmetric min-max
     absmax: bool = False  # symmetric grid with levels ±(2^(N-1)-1), Δ = max|w|/(2^(N-1)-1): LLM.int8's (named intN)
     actorder: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
+    clip: bool = True  # awq: also search each group's clipping range (the reference's auto_clip, on by default there)
     lm_head: bool = False  # also quantize lm_head (tied to the token embedding, so that too)
-    nsamples: int = 128  # gptq: calibration windows of block_size tokens from the general corpus
+    nsamples: int = 128  # gptq, awq: calibration windows of block_size tokens from the general corpus
     seed: int = 1337  # draws the calibration windows
     out_dir: str = "out"  # where checkpoints are read, and the quantized one written
     device: str = "auto"  # 'auto' = cuda if present, else cpu
@@ -45,34 +47,36 @@ class QuantConfig:
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method}: the methods are {', '.join(METHODS)}")
         if self.absmax and (not self.sym or self.method in CODEBOOKS):
-            raise ValueError("--absmax is a symmetric integer grid: use it with --method rtn or gptq and --sym")
+            raise ValueError("--absmax is a symmetric integer grid: use it with --method rtn, gptq or awq and --sym")
 
 
 def quant_name(cfg):
-    """e.g. rtn4, rtn4_g64_asym, gptq4_act, nf4; int8 for RTN on LLM.int8's grid."""
+    """e.g. rtn4, rtn4_g64_asym, gptq4_act, awq4_g128_asym, awq4_noclip, nf4; int8 for RTN on LLM.int8's grid."""
     method = "int" if cfg.absmax and cfg.method == "rtn" else cfg.method + ("_absmax" if cfg.absmax else "")
-    name = method + (str(cfg.bits) if cfg.method in ("rtn", "gptq") else "")
+    name = method + (str(cfg.bits) if cfg.method in ("rtn", "gptq", "awq") else "")
     return (name + (f"_g{cfg.group_size}" if cfg.group_size else "") + ("" if cfg.sym else "_asym")
-            + ("_act" if cfg.actorder and cfg.method == "gptq" else ""))
+            + ("_act" if cfg.actorder and cfg.method == "gptq" else "")
+            + ("_noclip" if not cfg.clip and cfg.method == "awq" else ""))
 
 
 def quantize_with(model, cfg, data):
-    """Quantizes a GPT in place with a QuantConfig: GPTQ calibrated on data.general_train (never the forget set);
-    returns the records and the quant block, with the seconds it took and the mean relative output error on
+    """Quantizes a GPT in place with a QuantConfig: GPTQ and AWQ calibrated on data.general_train (never the forget
+    set); returns the records and the quant block, with the seconds it took and the mean relative output error on
     held-out general text."""
     T, windows = model.config.block_size, None
-    if cfg.method == "gptq":
+    if cfg.method in CALIBRATED:
         windows = calibration_windows(data.general_train, cfg.nsamples, T, cfg.seed)
 
     def run():
         t0 = time.time()
         return quantize_layers(model, quantized_layers(model, cfg.lm_head), cfg.method, cfg.bits, cfg.group_size,
-                               cfg.sym, windows, cfg.actorder, cfg.absmax), time.time() - t0
+                               cfg.sym, windows, cfg.actorder, cfg.absmax, cfg.clip), time.time() - t0
     heldout = calibration_windows(data.general_val, 32, T, cfg.seed)
     (records, seconds), err = output_error(model, quantized_layers(model, cfg.lm_head), heldout, run)
     calibration = dict(source="general_train", nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
     quant = dict(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, absmax=cfg.absmax,
-                 actorder=cfg.actorder, lm_head=cfg.lm_head, seconds=round(seconds, 2), rel_output_error=err,
+                 actorder=cfg.actorder, clip=cfg.clip and cfg.method == "awq", lm_head=cfg.lm_head,
+                 seconds=round(seconds, 2), rel_output_error=err,
                  calibration=calibration if windows is not None else None)
     return records, quant
 
@@ -94,10 +98,12 @@ def quantize_checkpoint(cfg):
     rows, data = {}, None
     for p in [path] + ([target] if target.exists() and target.resolve() != path.resolve() else []):
         model, ckpt = M.load_checkpoint(p, dev)
+        stored = str(next(model.parameters()).dtype)[6:]
+        model = M.to_dtype(model, torch.float32)  # exact for bf16 weights; the quantized ones must hold Q's levels
         data = data or load_data(ckpt.get("data"), out)
         measure = lambda: {**M.memorization(model, data, ("forget", "retain")),
                            "ppl": M.perplexity(model, data.general_val)}
-        rows[p.stem, str(next(model.parameters()).dtype)[6:]] = measure()
+        rows[p.stem, stored] = measure()
         records, quant = quantize_with(model, cfg, data)
         rows[p.stem, quant_name(cfg)] = {**measure(), **quant}
         if p == path:

@@ -4,9 +4,14 @@ into --name options (help = the field's comment, type = the default's type), and
 refuses values out of range with check_range(), so a bad setting fails with a usage message before anything runs.
 """
 import argparse
+import hashlib
 import inspect
 import re
 from dataclasses import fields
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
 
 
 def cli(doc, *classes, argv=None):
@@ -45,3 +50,16 @@ def check_range(cfg, **valid):
             ok, say = (v > float(bound)) if op == ">" else (v >= float(bound)), rule
         if not ok:
             raise ValueError(f"--{name} {v}: must be {say}")
+
+
+CODE = sorted(Path(__file__).resolve().parent.glob("*.py")) + [Path(__file__).resolve().parent / "data" / "prepare.py"]
+
+
+def environment(device, base, threads, bf16_native=None):
+    """What moves a result besides its settings and the checkpoints it reads, for the study's caches to key on: the
+    device, the torch version (and transformers' with a Hugging Face base), the torch threads a job runs with (they
+    change the order of float sums), for a bf16 run whether its arithmetic is bf16 or float32 (model.compute_dtype),
+    and the code that computes it (a hash of the repository's Python files)."""
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in CODE)).hexdigest()[:16]
+    return dict(device=device, torch=torch.__version__, threads=threads, bf16_native=bf16_native,
+                transformers=version("transformers") if base else None, code=code)

@@ -70,7 +70,7 @@ def scale(widths, lrs=(1e-4, 3e-5), methods=("ga_gdr", "npo_klr")):
 class SweepConfig:
     out_dir: str = "out"  # the conditions go in out_dir/sweep/, the results in out_dir/sweep.json
     fig_dir: str = "figures"  # where figure 6 goes ('' = none)
-    precisions: str = "fp32,int8,rtn4,rtn4_asym,rtn4_g64,gptq4,nf4,fp4"  # every condition's rows
+    precisions: str = "full,int8,rtn4,rtn4_asym,rtn4_g64,gptq4,nf4,fp4"  # every condition's rows
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     workers: int = 0  # worker processes of each study; 0 = one per CPU core up to 4
     scale: bool = False  # the width axis (scale()) instead -> out_dir/scale.json, figure 9 and the scale table
@@ -130,7 +130,7 @@ def sweep(cfg, conditions=SWEEP):
                 "--el_stride", "0", "--dtype", c["dtype"], "--unlearn_args", flags(c["unlearn"])]
         res = logged(cdir / "logs" / "study.log", evaluate.main, argv)
         conds.append(dict(c, dir=str(cdir.relative_to(root)), retained=res["retained"], rows=res["rows"]))
-        got = {p: res["retained"].get(p, {}).get("constrained", {}).get("verbmem_forget") for p in ("fp32", "rtn4")}
+        got = {p: res["retained"].get(p, {}).get("constrained", {}).get("verbmem_forget") for p in ("full", "rtn4")}
         moved, back, kept = (constrained_mean(res["rows"], k) for k in ("mech_moved", "mech_same_moved", "mech_kept"))
         print(f"[{time.time() - t0:5.0f}s] {i + 1}/{len(conditions)} {c['axis']}: {c['dtype']} "
               f"{c['unlearn'] or 'defaults'}, target {c['train'] or 'defaults'}, seed {c['seed']} | retained VerbMem % "
@@ -174,7 +174,7 @@ def scale_points(conds, real_dirs=()):
                         hf["hidden_size"], dict(lr=lr, steps=steps), res["rows"]))
     return [dict(model=name, layers=layers, width=width, lr=unlearn["lr"], steps=unlearn.get("steps"),
                  **{f"{k}_{p}": constrained_mean(rows, f"{k}_verbmem_forget", p) for k in ("retained", "excess")
-                    for p in ("fp32", "rtn4", "fp4")},
+                    for p in ("full", "rtn4", "fp4")},
                  **{f"law_{k}_rtn4": law_mean(rows, k) for k in ("retained", "excess")},
                  **{k: constrained_mean(rows, f"mech_{k}") for k in ("moved", "same_moved", "kept")})
             for name, layers, width, unlearn, rows in studies]
@@ -183,7 +183,8 @@ def scale_points(conds, real_dirs=()):
 def law_mean(rows, share, precision="rtn4"):
     """The recovery law's prediction (figures.law_points) of a share ("retained" or "excess") of VerbMem at
     precision, averaged over the utility-constrained methods."""
-    picked = [r for r in rows if r["model"] in CONSTRAINED and r["precision"] in ("fp32", precision)]
+    picked = [r for r in rows if r["model"] in (*CONSTRAINED, "target", "retrain") and r["precision"] in ("full",
+                                                                                                    precision)]
     points = law_points(dict(rows=picked), share=share)
     return float(np.mean([law for _, law, _ in points])) if points else np.nan
 
@@ -199,9 +200,9 @@ def headline(conds):
         ret = {p: {g: {k: mean_sd([c["retained"][p][g][k] for c in seeds]) for k in RETAINED}
                    for g in seeds[0]["retained"][p]} for p in seeds[0]["retained"]}
         rows = [{(r["model"], r["precision"]): r for r in c["rows"]} for c in seeds]
-        f2 = {m: {k: mean_sd([by[m, "fp32"][k] for by in rows]) for k in (
+        f2 = {m: {k: mean_sd([by[m, "full"][k] for by in rows]) for k in (
             "outliers_low", "outliers_high", "forget_exact", "extraction_top_k", "forget_ma")}
-              for m in ("target", *FINDING2, *CONSTRAINED, *SURE) if (m, "fp32") in rows[0]}
+              for m in ("target", *FINDING2, *CONSTRAINED, *SURE) if (m, "full") in rows[0]}
         out[dtype] = dict(seeds=[c["seed"] for c in seeds], retained=ret, finding2=f2)
     return out
 
@@ -210,13 +211,13 @@ def sweep_report(results):
     """The headline over seeds as markdown tables: retained % per precision for each reference, and finding 2."""
     ms = lambda v, scale=1, f=".1f": "n/a" if v is None else f"{scale * v[0]:{f}} ± {scale * v[1]:{f}}"
     for dtype, h in results["headline"].items():
-        groups = list(h["retained"]["fp32"])
+        groups = list(h["retained"]["full"])
         label = dict(verbmem_forget="VerbMem", knowmem_forget="KnowMem", forget_exact="exact")
         print(f"\nretained % ({dtype} reference, seeds {h['seeds']}, mean ± sd)\n\n| precision | " + " | ".join(
             f"{g} {label[k]}" for g in groups for k in RETAINED) + " |\n" + "|---" * (1 + 3 * len(groups)) + "|")
         for p, r in h["retained"].items():
             print(f"| {p} | " + " | ".join(ms(r[g][k]) for g in groups for k in RETAINED) + " |")
-        print("\n| method (fp32) | MA ≤ 0.15 | MA ≥ 0.60 | extracted % | top-10 extracted % | mean MA |\n"
+        print("\n| method (full) | MA ≤ 0.15 | MA ≥ 0.60 | extracted % | top-10 extracted % | mean MA |\n"
               + "|---" * 6 + "|")
         for m, r in h["finding2"].items():
             print(f"| {m} | {ms(r['outliers_low'])} | {ms(r['outliers_high'])} | {ms(r['forget_exact'], 100)} | "
@@ -233,7 +234,7 @@ def figure6(results, fig_dir="figures"):
     conds, dtypes = results["conditions"], [d for d, _ in REFERENCES]
     ret = lambda c, p, g="constrained": np.nan if c["retained"].get(p, {}).get(g, {}).get(
         "verbmem_forget") is None else c["retained"][p][g]["verbmem_forget"]
-    rec = lambda c, p: ret(c, p) - ret(c, "fp32")
+    rec = lambda c, p: ret(c, p) - ret(c, "full")
     grid = {d: sorted(((c["unlearn"]["lr"], c) for c in conds if c["axis"] == "lr" and c["dtype"] == d),
                       key=lambda lc: lc[0]) for d in dtypes}
     fig, axes = plt.subplots(2, 3, figsize=(19, 10), layout="constrained")
@@ -247,9 +248,9 @@ def figure6(results, fig_dir="figures"):
                ylabel="recovery: retained VerbMem % at p − at full", title=f"{d} weights")
     axes[0, 0].legend(fontsize=8)
     for d, ls in zip(dtypes, ("-", "--")):
-        for p, color in (("fp32", "tab:blue"), ("rtn4", "tab:red")):
+        for p, color in (("full", "tab:blue"), ("rtn4", "tab:red")):
             axes[0, 2].plot([lr for lr, _ in grid[d]], [ret(c, p) for _, c in grid[d]], marker="o", ls=ls,
-                            color=color, label=f"{d}, {'full precision' if p == 'fp32' else p}")
+                            color=color, label=f"{d}, {'full precision' if p == 'full' else p}")
         for key, marker, color, what in (
                 ("mech_moved", "o", "tab:green", "share of weights moved"),
                 ("mech_same_moved", "s", "tab:purple", "moved ones back on the target's rtn4 code"),
@@ -276,7 +277,7 @@ def figure6(results, fig_dir="figures"):
     axes[1, 1].set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     axes[1, 1].set(ylabel="recovery at rtn4 (points)", title="the other conditions", ylim=(-10, 70))
     axes[1, 1].legend(fontsize=8)
-    shown, bars = ["fp32", "int8", *FOUR_BIT], []
+    shown, bars = ["full", "int8", *FOUR_BIT], []
     for d in dtypes:
         for g in ("constrained", "sure"):
             h = results["headline"].get(d, {}).get("retained", {})
@@ -302,6 +303,7 @@ def study_headline(rows, precisions):
     sure = lambda p, k: by[("npo_klr_sure", p)][k] if ("npo_klr_sure", p) in by else None
     return {p: dict(target_verbmem=by["target", p]["verbmem_forget"], target_exact=100 * by["target", p]["forget_exact"],
                     retrain_verbmem=by["retrain", p]["verbmem_forget"], verbmem=constrained_mean(rows, "verbmem_forget", p),
+                    gap=by["target", p]["verbmem_forget"] - by["retrain", p]["verbmem_forget"],
                     excess=constrained_mean(rows, "excess_verbmem_forget", p), privleak=constrained_mean(rows, "privleak", p),
                     kept=constrained_mean(rows, "mech_kept", p), sure_excess=sure(p, "excess_verbmem_forget"),
                     sure_privleak=sure(p, "privleak")) for p in precisions}
@@ -321,11 +323,11 @@ def headline_over(dirs):
 def headline_report(res):
     """headline_over's result as the README's markdown table."""
     f = lambda v, fmt=".1f": "n/a" if v is None else f"{v[0]:{fmt}} ± {v[1]:{fmt}}"
-    cols = ("target_verbmem", "target_exact", "retrain_verbmem", "verbmem", "excess", "privleak", "sure_excess",
-            "sure_privleak", "kept")
+    cols = ("target_verbmem", "target_exact", "retrain_verbmem", "verbmem", "gap", "excess", "privleak",
+            "sure_excess", "sure_privleak", "kept")
     print(f"\nheadline over {', '.join(res['studies'])} (seeds {res['seeds']}), mean ± sample sd\n\n| precision | "
-          "target VerbMem | target exact % | retrain VerbMem | constrained VerbMem | excess retained % | PrivLeak | "
-          "npo_klr_sure excess % | its PrivLeak | kept |\n" + "|---" * 10 + "|")
+          "target VerbMem | target exact % | retrain VerbMem | constrained VerbMem | gap (target − retrain) | "
+          "excess retained % | PrivLeak | npo_klr_sure excess % | its PrivLeak | kept |\n" + "|---" * 11 + "|")
     for p, h in res["headline"].items():
         print(f"| {p} | " + " | ".join(f(h[k], ".2f" if k == "kept" else ".1f") for k in cols) + " |")
 
@@ -333,12 +335,12 @@ def headline_report(res):
 def scale_report(results):
     """The width axis beside the real model as a markdown table (utility-constrained methods averaged)."""
     f = lambda v, fmt=".0f": "n/a" if v is None or np.isnan(v) else f"{v:{fmt}}"
-    print("\n| model | layers × width | lr, steps | moved | back | kept (rtn4) | retained VerbMem % fp32 | rtn4 | "
-          "rtn4, law | fp4 | excess % fp32 | rtn4 | rtn4, law | fp4 |\n" + "|---" * 14 + "|")
+    print("\n| model | layers × width | lr, steps | moved | back | kept (rtn4) | retained VerbMem % full | rtn4 | "
+          "rtn4, law | fp4 | excess % full | rtn4 | rtn4, law | fp4 |\n" + "|---" * 14 + "|")
     for q in results["points"]:
         print(f"| {q['model']} | {q['layers']} × {q['width']} | {q['lr']:g}, {q['steps']} | {f(100 * q['moved'])}% | "
               f"{f(100 * q['same_moved'])}% | {f(q['kept'], '.2f')} | " + " | ".join(
-                  f(q[c]) for k in ("retained", "excess") for c in (f"{k}_fp32", f"{k}_rtn4", f"law_{k}_rtn4",
+                  f(q[c]) for k in ("retained", "excess") for c in (f"{k}_full", f"{k}_rtn4", f"law_{k}_rtn4",
                                                                       f"{k}_fp4")) + " |")
 
 
@@ -352,8 +354,8 @@ def figure9(results, fig_dir="figures"):
     pts = results["points"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), layout="constrained")
     panels = (("update kept by rtn4 rounding (kept)", lambda q: q["kept"]),
-              ("retained VerbMem % at full precision (lower: more unlearned)", lambda q: q["retained_fp32"]),
-              ("recovery at rtn4: retained VerbMem %, rtn4 − full", lambda q: q["retained_rtn4"] - q["retained_fp32"]))
+              ("retained VerbMem % at full precision (lower: more unlearned)", lambda q: q["retained_full"]),
+              ("recovery at rtn4: retained VerbMem %, rtn4 − full", lambda q: q["retained_rtn4"] - q["retained_full"]))
     for i, lr in enumerate(sorted({q["lr"] for q in pts})):
         gpt = sorted((q for q in pts if q["lr"] == lr and q["model"] == "GPT"), key=lambda q: q["width"])
         real = [q for q in pts if q["lr"] == lr and q["model"] != "GPT"]

@@ -47,8 +47,11 @@ def apply(theta, tau, lam):
     return {k: (v.float() + lam * tau[k]).to(v.dtype) for k, v in theta.items()}
 
 
+SETTINGS = (UnlearnConfig, TAConfig)  # evaluate.py keys its cache on their values
+
+
 def main(argv=None):
-    cfg, tcfg = cli(__doc__, UnlearnConfig, TAConfig, argv=argv)
+    cfg, tcfg = cli(__doc__, *SETTINGS, argv=argv)
     model, data = load_target(cfg)
     if not tcfg.tau:
         theta_o = model.state_dict()  # model itself is never trained: the fine-tuning runs on a copy

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from data.prepare import DataConfig, load_data
-from model import GPT, GPTConfig, load_checkpoint, memorization, perplexity, pick_device, save_checkpoint, \
-    weight_dtype, write_json
+from model import GPT, GPTConfig, adamw, compute_dtype, load_checkpoint, memorization, perplexity, pick_device, \
+    save_checkpoint, to_dtype, weight_dtype, write_json
 from settings import check_range, cli
 
 
@@ -34,6 +34,7 @@ class TrainConfig:
     out_dir: str = "out"  # where checkpoints and train.json go
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     dtype: str = "float32"  # float32, or bfloat16 for pure bf16 weights and optimizer (no float32 master copy)
+    save_dtype: str = ""  # the models are stored in it: '' = --dtype; bfloat16 = trained in float32, released in bf16
     seed: int = 1337  # initialisation and batch order
     base: str = ""  # '' = a GPT trained here on general text; 'hf:DIR' = the local Hugging Face causal LM in DIR
     n_layer: int = 4
@@ -44,13 +45,16 @@ class TrainConfig:
     base_lr: float = 3e-3
     tune_epochs: float = 1.0  # passes over the target's exposures (each sequence `reps` times); retrain: same steps
     tune_lr: float = 6e-3
+    until_exact: float = 1.0  # then the target polishes until book and facts exact match reach this on forget+retain
+    max_polish: int = 30  # ... for at most this many polish passes (each memorized sequence once, lr at its floor)
     mem_frac: float = 0.9  # share of each fine-tuning batch drawn from the memorized sequences (rest: general)
     log_interval: int = 50
     force: bool = False  # retrain checkpoints that exist
 
     def __post_init__(self):
         check_range(self, n_layer=">= 1", n_head=">= 1", n_embd=">= 1", batch_size=">= 2", base_steps=">= 0",
-              base_lr="> 0", tune_epochs="> 0", tune_lr="> 0", mem_frac="0..1", log_interval=">= 1")
+              base_lr="> 0", tune_epochs="> 0", tune_lr="> 0", until_exact="0..1", max_polish=">= 0", mem_frac="0..1",
+              log_interval=">= 1")
         if self.base and not self.base.startswith("hf:"):
             raise ValueError(f"--base {self.base}: use '' (a GPT trained here), hf:DIR or hf:smollm2")
         if self.n_embd % self.n_head:
@@ -67,44 +71,64 @@ def general_batch(stream, n, T, gen):
     return x[:, :-1], x[:, 1:]
 
 
-def exposure_order(data, n_mem, epochs, gen):
+def exposure_order(data, n_mem, epochs, gen, polish=0):
     """The target's fine-tuning order of the memorized sequences: a list in which every forget and retain sequence
     appears `reps` times, shuffled (`epochs` passes, a fractional last pass cut short), then cut into batches of
-    n_mem. Returns the batches as indices into forget + retain (concatenated), and that concatenation."""
+    n_mem; then `polish` passes in which every sequence appears once, each shuffled and cut into batches. Returns
+    the batches of the epochs and of the polish passes (a list of lists) as indices into forget + retain
+    (concatenated), and that concatenation."""
     pool = [data.split(s) for s in ("forget", "retain")]
     idx = torch.arange(sum(map(len, pool))).repeat_interleave(torch.cat([s.reps for s in pool]))
     n = round(epochs * len(idx))
     order = torch.cat([idx[torch.randperm(len(idx), generator=gen)] for _ in range(math.ceil(epochs))])[:n]
-    return order.split(n_mem), pool
+    n_seq = sum(map(len, pool))
+    passes = [list(torch.randperm(n_seq, generator=gen).split(n_mem)) for _ in range(polish)]
+    return list(order.split(n_mem)), passes, pool
 
 
-def train(model, data, cfg, lr, gen, name, memorize=(), steps=None):
+def memorized(model, data, splits, kinds=("book", "facts")):
+    """The lowest exact match over the memorized kinds of text (secrets are memorized by degrees on purpose, each
+    seen 1 to 128 times) and the splits: what the target's polish phase raises to --until_exact."""
+    res = memorization(model.eval(), data, splits, by_kind=True)["by_kind"]
+    model.train()
+    return min(res[k][f"{s}_exact"] for k in kinds if k in res for s in splits)
+
+
+def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None):
     """AdamW with a short warmup and cosine decay. Each batch holds batch_size * (1 - mem_frac) random windows of
     general text and, while exposure_order has batches left, its next batch of memorized sequences, keeping those
     of the splits in `memorize`. The target keeps ("forget", "retain"); the retrain model keeps ("retain",) from
     the very same order and general windows (the same gen), so it is the target's recipe without the forget set:
-    every retain sequence seen `reps` times at the same steps, the forget set never. With memorize=() (the base
-    model), general text only. steps: by default one per batch of exposure_order. Returns the model and the
-    exposures it saw: per split, the times each sequence was in a batch, and the number of general windows."""
+    every retain sequence seen as often at the same steps, the forget set never. With memorize=() (the base
+    model), general text only. steps: by default one per batch of the epochs.
+
+    Then the polish phase, at the schedule's floor lr: passes in which every memorized sequence is seen once more.
+    The target (polish=None) polishes until book and facts reach cfg.until_exact exact match on forget and retain,
+    checked before each pass, for at most cfg.max_polish passes: one epoch can leave a book chunk one token short on
+    one machine and not on another (float order), and a target that memorizes only just would move the study's
+    numbers between machines. The retrain model is given the target's number of passes (polish=k) and replays them.
+    Returns the model and the exposures it saw: per split, the times each sequence was in a batch, the number of
+    general windows, the polish passes, and the lowest book/facts exact match before polishing stopped."""
     dev, T = next(model.parameters()).device, data.config["seq_len"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = adamw(model.parameters(), weight_dtype(cfg.dtype), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     n_mem = int(cfg.batch_size * cfg.mem_frac) if memorize else 0
-    batches, pool = exposure_order(data, n_mem, cfg.tune_epochs, gen) if memorize else ((), [])
+    batches, passes, pool = exposure_order(data, n_mem, cfg.tune_epochs, gen, cfg.max_polish) if memorize else (
+        (), [], [])  # the retrain model draws the target's cap of passes too: the same generator state after
     steps = len(batches) if steps is None else steps
     splits = ("forget", "retain")[:len(pool)]
     split_of = torch.cat([torch.full((len(s),), i) for i, s in enumerate(pool)]) if pool else None
     keep = torch.tensor([s in memorize for s in splits])
     mem_x = torch.cat([s.x for s in pool]) if pool else None
     mem_len = torch.cat([s.length for s in pool]) if pool else None
-    seen, t0 = torch.zeros(len(mem_x) if pool else 0, dtype=torch.long), time.time()
-    for step in range(steps):
-        for g in opt.param_groups:  # 5% warmup, then cosine to 10%
-            w = min(1.0, (step + 1) / max(1, steps // 20))
-            g["lr"] = lr * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+    seen, t0, step = torch.zeros(len(mem_x) if pool else 0, dtype=torch.long), time.time(), 0
+
+    def update(batch, step_lr):
+        for g in opt.param_groups:
+            g["lr"] = step_lr
         x, y = general_batch(data.general_train, cfg.batch_size - n_mem, T, gen)
-        if step < len(batches):
-            pick = batches[step][keep[split_of[batches[step]]]]
-            seen += torch.bincount(pick, minlength=len(seen))
+        if batch is not None:
+            pick = batch[keep[split_of[batch]]]
+            seen.add_(torch.bincount(pick, minlength=len(seen)))
             mx = mem_x[pick]
             my = torch.where(torch.arange(1, T)[None] < mem_len[pick, None], mx[:, 1:], -1)
             x, y = torch.cat([x, mx[:, :-1]]), torch.cat([y, my])
@@ -115,26 +139,69 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        return loss
+
+    for step in range(steps):  # 5% warmup, then cosine to 10%
+        w = min(1.0, (step + 1) / max(1, steps // 20))
+        loss = update(batches[step] if step < len(batches) else None,
+                      lr * w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))))
         if step % cfg.log_interval == 0 or step == steps - 1:
             spent = time.time() - t0
             left = spent / (step + 1) * (steps - step - 1)
             print(f"{name} step {step:4d}/{steps} loss {loss.item():.3f} ({spent:.0f}s, ~{left:.0f}s left)")
+    done, reached = 0, None
+    for batches_k in passes:
+        if done == polish:
+            break
+        if polish is None:
+            reached = memorized(model, data, splits)
+            print(f"{name} polish pass {done}: lowest book/facts exact {reached:.3f} (until {cfg.until_exact})")
+            if reached >= cfg.until_exact:
+                break
+        for batch in batches_k:
+            update(batch, 0.1 * lr)
+            step += 1
+        done += 1
+    else:
+        if polish is None and passes:  # the cap was reached
+            reached = memorized(model, data, splits)
+            print(f"{name}: lowest book/facts exact {reached:.3f} after the cap of {done} polish passes (--max_polish)"
+                  + (f", below --until_exact {cfg.until_exact}" if reached < cfg.until_exact else ""))
     exposures = {s: seen[split_of == i].tolist() for i, s in enumerate(splits)}
-    return model, dict(exposures, general_windows=steps * (cfg.batch_size - n_mem))
+    general = (steps + sum(len(b) for b in passes[:done])) * (cfg.batch_size - n_mem)
+    return model, dict(exposures, general_windows=general, polish_passes=done, polish_reached=reached)
 
 
-def trained_base(path):
-    """The --base a checkpoint was trained from ('' for a GPT trained here; also for checkpoints older than it)."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"].get("base", "")
+def polish_passes(target_path):
+    """The polish passes the target took (train()), which the retrain model replays."""
+    ckpt = torch.load(target_path, map_location="cpu", mmap=True, weights_only=True)
+    return ckpt["metrics"]["exposures"]["polish_passes"]
 
 
-def check_base(out_dir, base):
-    """Refuses to go on with base/target/retrain checkpoints in out_dir trained from another base than --base."""
+RECIPE_SKIP = ("out_dir", "device", "force", "log_interval")  # settings that change no trained weight
+
+
+def check_settings(out_dir, cfg, dcfg, only=None):
+    """Refuses to go on with base/target/retrain checkpoints in out_dir trained with other settings than cfg and
+    dcfg (those of RECIPE_SKIP aside; with --base hf:DIR the tokenizer is the base model's own), or, given `only`
+    (names of settings), other values of those: reused, they would give another recipe's numbers under this one's
+    name."""
+    want = {**{k: v for k, v in asdict(cfg).items() if k not in RECIPE_SKIP},
+            **{f"data.{k}": v for k, v in asdict(dcfg).items() if not (k == "tokenizer" and cfg.base)}}
+    want = {k: v for k, v in want.items() if only is None or k in only or k.removeprefix("data.") in only}
     for name in ("base", "target", "retrain"):
         path = Path(out_dir) / f"{name}.pt"
-        if path.exists() and trained_base(path) != base:
-            raise SystemExit(f"{path} was trained from --base {trained_base(path)!r}, not {base!r}: use another "
-                             f"--out_dir, or retrain them (python model.py --force --base '{base}' ...)")
+        if not path.exists():
+            continue
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        have = {**ckpt.get("config", {}), **{f"data.{k}": v for k, v in ckpt.get("data", {}).items()}}
+        have.setdefault("base", "")
+        for k, v in want.items():
+            if have.get(k) != v:
+                flag = f"--{k[5:] if k.startswith('data.') else k}"
+                raise SystemExit(f"{path} was trained {'from' if k == 'base' else 'with'} {flag} {have.get(k)!r}, "
+                                 f"not {v!r}: use another --out_dir, or retrain it (python model.py --force "
+                                 f"with the settings you want)")
 
 
 def data_config(cfg, dcfg, dev, dtype):
@@ -154,8 +221,9 @@ def train_all(cfg, dcfg):
     """Trains base -> target and base -> retrain, skipping checkpoints that exist (unless --force). With --base
     hf:DIR the base is the pretrained model itself, saved as base.pt without training."""
     out, dev, dtype = Path(cfg.out_dir), pick_device(cfg.device), weight_dtype(cfg.dtype)
+    compute, stored = compute_dtype(dtype, dev), weight_dtype(cfg.save_dtype or cfg.dtype)
     if not cfg.force:
-        check_base(out, cfg.base)
+        check_settings(out, cfg, dcfg)
     dcfg = data_config(cfg, dcfg, dev, dtype)
     data = load_data(dcfg, out)
     summary_path = out / "train.json"
@@ -171,17 +239,18 @@ def train_all(cfg, dcfg):
         torch.manual_seed(cfg.seed)
         if parent is None and cfg.base:  # the pretrained model, untouched: it has seen none of the corpora
             import pretrained
-            model, seen = pretrained.load_base(dcfg.tokenizer, data.config["seq_len"] - 1, dev, dtype), {}
+            model, seen = pretrained.load_base(dcfg.tokenizer, data.config["seq_len"] - 1, dev, compute), {}
         elif parent is None:
             gcfg = GPTConfig(block_size=data.config["seq_len"] - 1, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd)
-            model, seen = train(GPT(gcfg).to(dev, dtype), data, cfg, cfg.base_lr, torch.Generator().manual_seed(
-                cfg.seed), name, steps=cfg.base_steps)
+            model, seen = train(to_dtype(GPT(gcfg).to(dev), compute), data, cfg, cfg.base_lr,
+                                torch.Generator().manual_seed(cfg.seed), name, steps=cfg.base_steps)
         else:  # target and retrain: the same generator, so the same order and general windows (see train)
-            model, _ = load_checkpoint(out / f"{parent}.pt", dev)
+            model = to_dtype(load_checkpoint(out / f"{parent}.pt", dev)[0], compute)
+            polish = None if name == "target" else polish_passes(out / "target.pt")
             model, seen = train(model.train(), data, cfg, cfg.tune_lr, torch.Generator().manual_seed(cfg.seed + 1),
-                                name, memorize=splits)
-        model.eval()
+                                name, memorize=splits, polish=polish)
+        model = to_dtype(model, stored).eval()  # what is measured is what is released
         stats = memorization(model, data, by_kind=True)
         stats["holdout_ppl"] = perplexity(model, data.general_val)
         stats["seconds"], stats["exposures"] = round(time.time() - t0, 1), seen

@@ -17,8 +17,8 @@ import torch
 from torch.nn import functional as F
 
 from data.prepare import DataConfig, load_data
-from model import block_linears, memorization, perplexity, pick_device, save_checkpoint, score, weight_dtype, \
-    write_json
+from model import adamw, block_linears, compute_dtype, memorization, perplexity, pick_device, save_checkpoint, score, \
+    to_dtype, weight_dtype, write_json
 from settings import check_range
 from train import load_or_train
 
@@ -140,7 +140,7 @@ def unlearn(model, data, forget_loss, cfg, rcfg=RetainConfig(), mask=None, pick=
         for n, m in block_linears(model).items():
             m.weight.requires_grad_(n in mask)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = adamw(params, weight_dtype(cfg.dtype), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.steps + 1):  # pick sees the weights once more after the last step
         pool = torch.arange(len(forget)) if pick is None else pick(model, forget)
@@ -165,7 +165,7 @@ def unlearn(model, data, forget_loss, cfg, rcfg=RetainConfig(), mask=None, pick=
                   + f" | forget MA {ma:.3f} | {time.time() - t0:.1f}s")
     model.requires_grad_(True)
     return model, dict(steps=step, seconds=round(time.time() - t0, 2), stopped=stopped, lr=lr,
-                       trained=sorted(mask) if mask is not None else "all")
+                       trained=sorted(mask) if mask is not None else "all", compute=str(params[0].dtype)[6:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,11 +173,13 @@ def unlearn(model, data, forget_loss, cfg, rcfg=RetainConfig(), mask=None, pick=
 
 def load_target(cfg):
     """(model, data): out_dir/target.pt in the requested dtype (trained first if missing) and the data it was
-    trained on."""
+    trained on. A bf16 model computes in float32 where bf16 arithmetic is slow (model.compute_dtype); its optimizer
+    stores bf16 all the same (model.adamw)."""
     dtype = weight_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed)
-    model, ckpt = load_or_train("target", cfg.out_dir, pick_device(cfg.device))
-    return model.to(dtype), load_data(DataConfig(**ckpt["data"]), cfg.out_dir)
+    dev = pick_device(cfg.device)
+    model, ckpt = load_or_train("target", cfg.out_dir, dev)
+    return to_dtype(model, compute_dtype(dtype, dev)), load_data(DataConfig(**ckpt["data"]), cfg.out_dir)
 
 
 def method_name(base, rcfg):
@@ -192,6 +194,7 @@ def method_name(base, rcfg):
 def save_result(method, model, data, stats, *cfgs):
     """Measures the unlearned model and writes out_dir/<method>.pt and out_dir/<method>.json, both atomically."""
     config = {k: v for c in cfgs for k, v in asdict(c).items()}
+    model = to_dtype(model, weight_dtype(config["dtype"]))  # stored as trained: a float32-computed bf16 run is exact
     metrics = memorization(model, data)
     metrics["holdout_ppl"] = perplexity(model, data.general_val)
     out = Path(config["out_dir"])

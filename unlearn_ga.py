@@ -49,8 +49,11 @@ def sga_pick(level, gamma):
     return pick
 
 
+SETTINGS = (UnlearnConfig, RetainConfig, SGAConfig)  # evaluate.py keys its cache on their values
+
+
 def main(argv=None):
-    cfg, rcfg, scfg = cli(__doc__, UnlearnConfig, RetainConfig, SGAConfig, argv=argv)
+    cfg, rcfg, scfg = cli(__doc__, *SETTINGS, argv=argv)
     if scfg.selective and (rcfg.retain != "none" or rcfg.sure):
         raise SystemExit("--selective is plain SGA: drop --retain/--sure")
     method = "sga" if scfg.selective else method_name("ga", rcfg)

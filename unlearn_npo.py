@@ -42,8 +42,11 @@ def npo_loss(logp_theta, logp_ref, beta=0.1):
     return -(2 / beta) * F.logsigmoid(-beta * (logp_theta - logp_ref)).mean()
 
 
+SETTINGS = (UnlearnConfig, RetainConfig, NPOConfig)  # evaluate.py keys its cache on their values
+
+
 def main(argv=None):
-    cfg, rcfg, ncfg = cli(__doc__, UnlearnConfig, RetainConfig, NPOConfig, argv=argv)
+    cfg, rcfg, ncfg = cli(__doc__, *SETTINGS, argv=argv)
     method = method_name("npo", rcfg)
     model, data = load_target(cfg)
     forget = data.split("forget")

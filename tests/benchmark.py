@@ -66,17 +66,21 @@ def quantizer_table(out_dir):
 
 def step_times(hf_dir, batch=16, T=48, repeat=2):
     """Seconds of one fine-tuning step (forward, backward, AdamW) of the Hugging Face model in hf_dir on a batch of
-    the study's shape (16 windows of 48 tokens), in float32 and in pure bf16 (weights and AdamW state), the better
-    of `repeat` steps each. Pure bf16 runs at full speed only on CPUs with native bf16 arithmetic (AVX512-BF16,
-    AMX); elsewhere torch emulates it, and the pretrained-model study, which runs in it, takes many times longer."""
+    the study's shape (16 windows of 48 tokens), the better of `repeat` steps each: float32; pure bf16 with bf16
+    arithmetic (fast only with AVX512-BF16 or AMX; torch emulates it elsewhere); and pure bf16 as float32
+    arithmetic rounded to bf16 after each step (model.adamw), what the study runs where model.bf16_native says no."""
     import torch
     sys.path.insert(0, str(ROOT))
+    import model as M
     import pretrained
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch_threads()} thread(s), "
-          f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}\n\n| dtype | seconds a step |\n|---|---|")
-    for dtype in (torch.float32, torch.bfloat16):
-        model = pretrained.load_base(hf_dir, T, "cpu", dtype).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    native = M.bf16_native("cpu")
+    print(f"{cpu_name()}, {os.cpu_count()} cores, {torch_threads()} thread(s), torch CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; bf16 arithmetic judged {'native' if native else 'slow'} "
+          f"(model.bf16_native)\n\n| weights | arithmetic | seconds a step |\n|---|---|---|")
+    for stored, compute in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                            (torch.bfloat16, torch.float32)):
+        model = pretrained.load_base(hf_dir, T, "cpu", compute).train()
+        opt = M.adamw(model.parameters(), stored, lr=1e-5)
         x = torch.randint(0, model.hf.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
         best = float("inf")
         for _ in range(repeat):
@@ -86,7 +90,15 @@ def step_times(hf_dir, batch=16, T=48, repeat=2):
             loss.backward()
             opt.step()
             best = min(best, time.time() - t0)
-        print(f"| {str(dtype)[6:]} | {best:.1f} |", flush=True)
+        print(f"| {str(stored)[6:]} | {str(compute)[6:]} | {best:.2f} |", flush=True)
+
+
+def cpu_name():
+    """The CPU's model name (lscpu's), else what platform knows."""
+    info = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")] \
+        if info.exists() else []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def torch_threads():
@@ -98,7 +110,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="model,unlearn,quantize,evaluate,tests")
     ap.add_argument("--quantizers", metavar="OUT_DIR", help="print the quantizer table of OUT_DIR/target.pt")
-    ap.add_argument("--step", metavar="HF_DIR", help="time a fine-tuning step of that model, float32 vs pure bf16")
+    ap.add_argument("--step", metavar="HF_DIR",
+                    help="time a fine-tuning step of that model: float32, pure bf16 in bf16 and in float32 arithmetic")
     args = ap.parse_args()
     if args.quantizers:
         return quantizer_table(args.quantizers)
@@ -124,7 +137,7 @@ def main():
                 print(f"{name}: {sec:.1f}s, peak {mb:.0f} MB", file=sys.stderr)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+    print(f"\n{cpu_name()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}\n\n| command | wall time | peak memory |\n|---|---|---|")
     for name, sec, mb in rows:
         print(f"| `{name}` | {sec:.0f} s | {mb:.0f} MB |")

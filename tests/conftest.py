@@ -6,7 +6,6 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,7 +64,7 @@ def tiny(tmp_path_factory):
     return SimpleNamespace(out_dir=out, cfg=cfg, dcfg=dcfg, summary=summary)
 
 
-def study_argv(out, fig, precisions="fp32,rtn4", workers=1):
+def study_argv(out, fig, precisions="full,rtn4", workers=1):
     return ["--out_dir", str(out), "--fig_dir", str(fig), "--methods", "ga,npo,ga_gdr", "--precisions", precisions,
             "--workers", str(workers)]
 
@@ -75,6 +74,5 @@ def study(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     shutil.copytree(tiny.out_dir, root / "out")
     import evaluate
-    t = time.time()
     results = evaluate.main(study_argv(root / "out", root / "fig"))
-    return SimpleNamespace(out=root / "out", fig=root / "fig", results=results, seconds=time.time() - t, tiny=tiny)
+    return SimpleNamespace(out=root / "out", fig=root / "fig", results=results, tiny=tiny)

@@ -68,6 +68,9 @@ def test_excess_retained_by_hand():
     assert metrics.excess_retained(90.0, 90.0, 40.0) == pytest.approx(100.0)
     assert metrics.excess_retained(30.0, 90.0, 40.0) == pytest.approx(-20.0)
     assert math.isnan(metrics.excess_retained(50.0, 40.0, 40.0))
+    # a gap of 3 points under a target of 60 is below the floor (10% of 60 = 6): not read; 7 points are
+    assert math.isnan(metrics.excess_retained(50.0, 60.0, 57.0))
+    assert metrics.excess_retained(56.5, 60.0, 53.0) == pytest.approx(50.0)
 
 
 def test_retained_pct():
@@ -79,6 +82,9 @@ def test_recovery_law_by_hand():
     assert metrics.predicted_retained(40.0, 1.0) == 40.0  # the whole update survives rounding: nothing comes back
     assert metrics.predicted_retained(40.0, 0.0) == 100.0  # rounding erases it: the target's knowledge returns
     assert metrics.predicted_retained(40.0, 0.25) == pytest.approx(85.0)  # 60 removed, a quarter of it stays
+    # a target whose metric quantization halves (80 -> 40): the unlearned model fell from 80 to 20 (retained 25%);
+    # half of its update survives rounding, so it sits 30 below the quantized target's 40, at 10: 25% of it again
+    assert metrics.predicted_retained(25.0, 0.5, scale=80 / 40) == pytest.approx(100 * 10 / 40)
 
 
 def test_outlier_auc():

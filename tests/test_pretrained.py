@@ -2,7 +2,6 @@
 a model as the base of the whole study (train.py --base hf:DIR)."""
 import json
 import random
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -118,20 +117,18 @@ TRAIN_ARGS = (f"--book {TEXTS / 'book.txt'} --general {TEXTS / 'general.txt'} --
 @pytest.fixture(scope="module")
 def hf_study(tmp_path_factory):
     """The whole study (evaluate.py) on a tiny random Llama with a BPE tokenizer: base, target, retrain, two methods,
-    fp32 and rtn4."""
+    full precision and rtn4."""
     root = tmp_path_factory.mktemp("hf_study")
     path, _ = tiny_hf(root, "llama", tokenizer=bpe_tokenizer())
-    t = time.time()
     results = evaluate.main(["--out_dir", str(root / "out"), "--fig_dir", "", "--base", f"hf:{path}", "--methods",
-                             "ga_gdr,npo_klr", "--precisions", "fp32,rtn4", "--workers", "1", "--train_args",
+                             "ga_gdr,npo_klr", "--precisions", "full,rtn4", "--workers", "1", "--train_args",
                              TRAIN_ARGS, "--unlearn_args", "--steps 3 --batch_size 4"])
-    return SimpleNamespace(path=path, out=root / "out", results=results, seconds=time.time() - t)
+    return SimpleNamespace(path=path, out=root / "out", results=results)
 
 
 def test_hf_base_runs_the_whole_study(hf_study):
-    assert hf_study.seconds < 20
     rows = {(r["model"], r["precision"]): r for r in hf_study.results["rows"]}
-    assert set(rows) == {(m, p) for m in ("target", "retrain", "ga_gdr", "npo_klr") for p in ("fp32", "rtn4")}
+    assert set(rows) == {(m, p) for m in ("target", "retrain", "ga_gdr", "npo_klr") for p in ("full", "rtn4")}
     for (m, p), r in rows.items():
         assert 0 <= r["verbmem_forget"] <= 100 and r["holdout_ppl"] > 1 and 0 <= r["knowmem_forget"] <= 100
         assert ("mech_kept" in r) == (m in ("ga_gdr", "npo_klr") and p == "rtn4"), (m, p)
@@ -169,11 +166,11 @@ def test_the_headline_over_studies_is_their_mean_and_sd(hf_study, capsys):
     res = sweep.headline_over([hf_study.out, hf_study.out])
     rows = {(r["model"], r["precision"]): r for r in hf_study.results["rows"]}
     h = res["headline"]
-    assert list(h) == ["fp32", "rtn4"] and res["seeds"] == [1337, 1337]
+    assert list(h) == ["full", "rtn4"] and res["seeds"] == [1337, 1337]
     assert h["rtn4"]["target_exact"] == [100 * rows["target", "rtn4"]["forget_exact"], 0.0]
-    assert h["fp32"]["privleak"][0] == pytest.approx((rows["ga_gdr", "fp32"]["privleak"]
-                                                      + rows["npo_klr", "fp32"]["privleak"]) / 2)
-    assert h["fp32"]["kept"] is None and h["rtn4"]["sure_excess"] is None
+    assert h["full"]["privleak"][0] == pytest.approx((rows["ga_gdr", "full"]["privleak"]
+                                                      + rows["npo_klr", "full"]["privleak"]) / 2)
+    assert h["full"]["kept"] is None and h["rtn4"]["sure_excess"] is None
     sweep.headline_report(res)
     assert "| rtn4 | " in capsys.readouterr().out
 
@@ -184,15 +181,40 @@ def test_hf_base_of_another_study_is_refused(hf_study):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wrapper_round_trips_a_checkpoint_and_greedy_with_a_cache_is_greedy(tmp_path, dtype):
+def test_wrapper_round_trips_a_checkpoint_exactly(tmp_path, dtype):
+    """The model train.py fine-tunes (load_base in dtype) and the one load_checkpoint gives back have the same
+    parameters, the same buffers and bit-identical logits. In bf16 the buffers are where it can go wrong: a Llama's
+    RoPE frequencies (inv_freq) are float32 in transformers, and model.to(dtype) would round them to bf16 (the tiny
+    Llama's logits then move by about 0.002)."""
     path, _ = tiny_hf(tmp_path, "llama")
-    model = pretrained.load_base(str(path), 40, "cpu", torch.float32).to(dtype).eval()
-    x = torch.randint(0, 50, (3, 40))
+    model = pretrained.load_base(str(path), 40, "cpu", dtype).eval()
     M.save_checkpoint(tmp_path / "m.pt", model)
     loaded, _ = M.load_checkpoint(tmp_path / "m.pt")
-    assert next(loaded.parameters()).dtype == dtype and loaded.config == model.config
+    assert loaded.config == model.config
+    assert {p.dtype for p in loaded.parameters()} == {p.dtype for p in model.parameters()} == {dtype}
+    bufs, want = dict(loaded.named_buffers()), dict(model.named_buffers())
+    assert bufs.keys() == want.keys() and "hf.model.rotary_emb.inv_freq" in bufs
+    assert all(b.dtype == want[n].dtype and torch.equal(b, want[n]) for n, b in bufs.items())
+    assert all(b.dtype == torch.float32 for n, b in bufs.items() if "inv_freq" in n)
+    x = torch.randint(0, 50, (3, 40))
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], model(x)[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_with_the_cache_is_greedy_without_it(tmp_path, arch):
+    """Fed one token at a time with new_cache(), the wrapper gives the logits of a full forward pass over the whole
+    prefix: transformers ignores a cache passed under a keyword its forward does not take, and each step would then
+    see one token (logits about 0.2 off). greedy() with the cache is the argmax of a full pass per new token."""
+    path, _ = tiny_hf(tmp_path, arch)
+    model = pretrained.load_base(str(path), 40, "cpu", torch.float32).eval()
+    x, cache = torch.randint(0, 50, (2, 12)), model.new_cache()
+    with torch.no_grad():
+        steps = [model(x[:, :4], caches=cache)[0]] + [model(x[:, t:t + 1], caches=cache, pos0=t)[0]
+                                                      for t in range(4, 12)]
+        full = model(x)[0]
+    assert cache.get_seq_length() == 12
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
     prompts, n_new = [[5, 6, 7], [8, 9, 10, 11, 12], [13]], [6, 4, 9]
     want = []
     with torch.no_grad():

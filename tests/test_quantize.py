@@ -203,7 +203,7 @@ def test_gptq_dead_columns_and_redamping(capsys):
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="rtn, gptq, nf4, fp4"):
-        Q.check("awq", 4)
+        Q.check("hqq", 4)
     for bits in (1, 9):
         with pytest.raises(ValueError, match="2, 3, 4, 5, 6, 7, 8"):
             Q.check("rtn", bits)
@@ -283,3 +283,124 @@ def test_cli_quantizes_the_newest_unlearned_model_and_compares_with_the_target(t
     assert ckpt["metrics"]["forget_ma"] == pytest.approx(M.memorization(model, data)["forget_ma"])
     assert ckpt["metrics"]["ppl"] == pytest.approx(M.perplexity(model, data.general_val))
     assert ckpt["metrics"]["ppl"] != pytest.approx(fp["metrics"]["holdout_ppl"]) and ckpt["metrics"]["seconds"] >= 0
+
+
+def test_a_bf16_model_is_quantized_onto_its_grid_exactly():
+    """A pure-bf16 model's quantized copy must hold the quantizer's levels: int8 levels written back into bf16 are
+    rounded again (8 bits of mantissa against 8-bit codes times a float scale), most of them off the grid."""
+    torch.manual_seed(0)
+    gpt = M.to_dtype(M.GPT(M.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=64)), torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 copy"):
+        Q.quantize_layers(gpt, Q.quantized_layers(gpt), "rtn", 8, absmax=True)
+    copy32 = M.to_dtype(M.GPT(gpt.config), torch.float32)
+    copy32.load_state_dict(gpt.state_dict())  # bf16 -> float32 is exact
+    quant = dict(method="rtn", bits=8, group_size=0)
+    records = Q.quantize_layers(copy32, Q.quantized_layers(copy32), "rtn", 8, absmax=True)
+    for name, layer in Q.quantized_layers(copy32).items():
+        W, scale = layer.weight.detach(), records[name]["scale"]
+        assert torch.equal(W, Q.dequantize_record(records[name], quant)), name  # exactly the quantizer's values
+        assert (W / scale - (W / scale).round()).abs().max() < 1e-4, name  # on the grid
+        off = W.bfloat16().float() / scale
+        assert (off - off.round()).abs().max() > 0.1  # what bf16 storage would have done to them
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_not_deleted(tmp_path):
+    notes = tmp_path / "notes.pt"
+    notes.write_text("my notes, not a model")
+    r = subprocess.run([sys.executable, "quantize.py", "--ckpt", str(notes), "--out_dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "not a nanoUnlearn checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr and "elete" not in r.stderr and notes.exists()
+    with pytest.raises(SystemExit, match="not a nanoUnlearn quantized checkpoint") as e:
+        Q.load_quantized(notes)
+    assert "elete" not in str(e.value)
+
+
+def salient_inputs(n, k, channel, gain, seed):
+    """(n, k) Gaussian inputs whose one channel has `gain` times the magnitude of the others (AWQ's salient channel)."""
+    X = torch.randn(n, k, generator=gen(seed))
+    X[:, channel] *= gain
+    return X
+
+
+def out_err(W, Wq, X):
+    return ((W - Wq) @ X.T).square().sum()
+
+
+@pytest.mark.parametrize("sym,group_size", [(True, 0), (False, 0), (True, 16), (False, 24)])
+def test_awq_with_alpha_0_and_no_clipping_is_rtn(sym, group_size):
+    """n_grid = 1 leaves α = 0 alone on the grid: s = s_X^0 = 1 (normalised: 1 / sqrt(1·1) = 1), Q(W·1)·1⁻¹ = RTN."""
+    W, X = torch.randn(8, 48, generator=gen()), salient_inputs(100, 48, 3, 20, 1)
+    Wq, codes, scale, zero, s, alpha = Q.awq(W, X, 3, group_size, sym, clip=False, n_grid=1)
+    q, sr, zr = Q.rtn(W, 3, group_size, sym)
+    assert alpha == 0 and torch.equal(s, torch.ones(48))
+    assert torch.equal(codes, q) and torch.equal(scale, sr) and torch.equal(zero, zr)
+    assert torch.equal(Wq, Q.dequantize(q, sr, zr, group_size))
+
+
+@pytest.mark.parametrize("bits,sym,group_size", [(3, True, 0), (4, False, 0), (4, False, 16)])
+def test_awq_beats_rtn_when_one_input_channel_has_large_activations(bits, sym, group_size):
+    """A channel with 30x the activations of the others dominates WX: AWQ scales its weights up by the largest s, so
+    they lose less to rounding, and the output error on those inputs drops well below RTN's."""
+    W, X = torch.randn(16, 64, generator=gen()), salient_inputs(256, 64, 5, 30, 1)
+    Wq, *_, s, alpha = Q.awq(W, X, bits, group_size, sym)
+    e_rtn = out_err(W, Q.dequantize(*Q.rtn(W, bits, group_size, sym), group_size), X)
+    assert alpha > 0 and s.argmax() == 5
+    assert out_err(W, Wq, X) < 0.7 * e_rtn
+
+
+def test_awq_scales_are_the_normalised_activation_power_and_the_search_only_helps(tiny):
+    """On every block Linear of the tiny target, with its inputs from general text: α is on the grid i/20 in [0, 1),
+    s = s_X^α / sqrt(max·min) (so max(s)·min(s) = 1), and the error of the chosen α is at most that of α = 0, which
+    is RTN's. Clipping (per output channel here, where the rows' errors add up exactly) can only lower it further."""
+    gpt, ckpt = M.load_checkpoint(tiny.out_dir / "target.pt")
+    data = load_data(ckpt["data"], tiny.out_dir)
+    windows = Q.calibration_windows(data.general_train, 16, gpt.config.block_size, 0)
+    layers, X = Q.quantized_layers(gpt), {}
+    Q.layer_inputs(gpt, layers, windows, X.setdefault, batch_size=len(windows))
+    for name, layer in layers.items():
+        W, x = layer.weight.data, X[name]
+        Wn, *_, s, alpha = Q.awq(W, x, 4, 0, True, clip=False)
+        assert 0 <= alpha < 1 and alpha * 20 == round(alpha * 20), name
+        s_alpha = x.abs().mean(0).pow(alpha).clamp(min=1e-4)
+        assert torch.allclose(s, s_alpha / (s_alpha.max() * s_alpha.min()).sqrt()), name
+        assert (s.max() * s.min()).item() == pytest.approx(1)
+        e_rtn = out_err(W, Q.dequantize(*Q.rtn(W, 4)), x)
+        assert out_err(W, Wn, x) <= e_rtn * (1 + 1e-6), name
+        Wc, *_, sc, alpha_c = Q.awq(W, x, 4, 0, True)
+        assert alpha_c == alpha and torch.equal(sc, s)  # the clip search comes after the scale search
+        assert out_err(W, Wc, x) <= out_err(W, Wn, x) * (1 + 1e-6), name
+
+
+def test_awq_checkpoint_loads_back_the_weights_it_wrote(tmp_path):
+    torch.manual_seed(0)
+    gpt = M.GPT(M.GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64)).eval()
+    layers = Q.quantized_layers(gpt)
+    windows = torch.randint(0, 256, (8, 64), generator=gen())
+    records = Q.quantize_layers(gpt, layers, "awq", 4, 32, False, windows)
+    quant = dict(method="awq", bits=4, group_size=32, sym=False)
+    for name, layer in layers.items():
+        assert records[name]["awq_scale"].shape == (layer.weight.shape[1],) and 0 <= records[name]["alpha"] < 1
+        assert torch.equal(Q.dequantize_record(records[name], quant), layer.weight), name  # stored = evaluated
+    Q.save_quantized(tmp_path / "q.pt", gpt, records, {"kind": "target", "model_args": vars(gpt.config)}, quant)
+    loaded, ckpt = Q.load_quantized(tmp_path / "q.pt")
+    assert ckpt["quant"]["method"] == "awq"
+    for k, v in gpt.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.randint(0, 256, (2, 64), generator=gen(1))
+    assert torch.equal(loaded(x)[0], gpt(x)[0])
+
+
+def test_cli_quantizes_the_tiny_target_with_awq(tiny, tmp_path, capsys):
+    shutil.copytree(tiny.out_dir / "data", tmp_path / "data")
+    shutil.copy(tiny.out_dir / "target.pt", tmp_path / "target.pt")
+    QC.main(["--method", "awq", "--bits", "4", "--ckpt", str(tmp_path / "target.pt"), "--out_dir", str(tmp_path),
+             "--nsamples", "16", "--seed", "3"])
+    assert "target      awq4" in capsys.readouterr().out
+    model, ckpt = Q.load_quantized(tmp_path / "target_awq4.pt")
+    quant = ckpt["quant"]
+    assert quant["method"] == "awq" and quant["clip"] and quant["sym"] and quant["group_size"] == 0
+    assert quant["calibration"] == dict(source="general_train", nsamples=16, tokens=model.config.block_size, seed=3)
+    assert 0 < quant["rel_output_error"] < 0.05
+    assert all("awq_scale" in r for r in ckpt["qweights"].values())
+    assert QC.quant_name(QC.QuantConfig(method="awq", group_size=128, sym=False, clip=False)) == "awq4_g128_asym_noclip"

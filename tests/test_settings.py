@@ -54,7 +54,7 @@ def test_every_settings_class_checks_its_ranges(capsys):
                                (DataConfig, ["--book_prefix", "48"], "below --seq_len"),
                                (DataConfig, ["--secret_reps", "1,x"], "comma list"),
                                (QuantConfig, ["--nsamples", "0"], "--nsamples 0: must be >= 1"),
-                               (QuantConfig, ["--method", "awq"], "rtn, gptq, nf4, fp4"),
+                               (QuantConfig, ["--method", "hqq"], "rtn, gptq, nf4, fp4, awq"),
                                (QuantConfig, ["--absmax", "--no-sym"], "symmetric integer grid"),
                                (StudyConfig, ["--workers", "-1"], "--workers -1: must be >= 0"),
                                (MemFlexConfig, ["--randomize", "1.5"], "in [0, 1]"),

@@ -8,6 +8,7 @@ import pytest
 
 import torch
 
+import figures
 import sweep
 
 
@@ -28,7 +29,7 @@ def test_sweep_on_the_tiny_model(tiny, tmp_path):
     unlearn = dict(lr=1e-3, steps=4)
     conds = [sweep.condition("lr", "float32", unlearn, train, methods=["ga_gdr"]),
              sweep.condition("seed", "bfloat16", unlearn, train, methods=["ga_gdr", "ga_gdr_sure", "ga", "sga", "tau"])]
-    cfg = sweep.SweepConfig(out_dir=str(tmp_path / "out"), fig_dir=str(tmp_path), precisions="fp32,int8,rtn4",
+    cfg = sweep.SweepConfig(out_dir=str(tmp_path / "out"), fig_dir=str(tmp_path), precisions="full,int8,rtn4",
                             workers=1)
     res = sweep.sweep(cfg, conds)
     assert res == json.loads((tmp_path / "out" / "sweep.json").read_text())
@@ -36,13 +37,13 @@ def test_sweep_on_the_tiny_model(tiny, tmp_path):
     assert lr["dir"].endswith("dtype_float32_lr_0.001_steps_4") and seed["dir"].endswith("bfloat16_lr_0.001_steps_4")
     assert lr["unlearn"] == unlearn and lr["train"] == train  # a condition is data, read back as it was given
     assert {r["model"] for r in lr["rows"]} == {"target", "retrain", "ga_gdr"}
-    assert {r["precision"] for r in lr["rows"]} == {"fp32", "int8", "rtn4"}
+    assert {r["precision"] for r in lr["rows"]} == {"full", "int8", "rtn4"}
     assert set(seed["retained"]["rtn4"]) == {"constrained", "sure"}
     head = res["headline"]["bfloat16"]
     assert head["seeds"] == [1337] and set(head["finding2"]) == {"target", "ga", "sga", "tau", "ga_gdr",
                                                                  "ga_gdr_sure"}
-    mean, sd = head["retained"]["fp32"]["constrained"]["forget_exact"]
-    assert mean == seed["retained"]["fp32"]["constrained"]["forget_exact"] and sd == 0
+    mean, sd = head["retained"]["full"]["constrained"]["forget_exact"]
+    assert mean == seed["retained"]["full"]["constrained"]["forget_exact"] and sd == 0
     unlearned = torch.load(tmp_path / "out" / "sweep" / seed["dir"] / "ga_gdr.pt", weights_only=True)
     assert unlearned["model"]["lm_head.weight"].dtype == torch.bfloat16
     assert (tmp_path / "6_when.png").read_bytes()[:4] == b"\x89PNG"
@@ -64,7 +65,7 @@ def test_scale_reads_the_width_axis_back_as_points(tiny, tmp_path):
     train = {k: v for c in (tiny.cfg, tiny.dcfg) for k, v in asdict(c).items() if k not in skip}
     shutil.copytree(tiny.out_dir, tmp_path / "out" / "sweep" / sweep.slug({**train, "seed": 1337}))
     conds = [sweep.condition("width 64", "bfloat16", dict(lr=1e-3, steps=3), train, methods=["ga_gdr", "npo_klr"])]
-    cfg = sweep.SweepConfig(out_dir=str(tmp_path / "out"), fig_dir=str(tmp_path), precisions="fp32,rtn4,fp4",
+    cfg = sweep.SweepConfig(out_dir=str(tmp_path / "out"), fig_dir=str(tmp_path), precisions="full,rtn4,fp4",
                             workers=1, scale=True)
     res = sweep.sweep(cfg, conds)
     assert res == json.loads((tmp_path / "out" / "scale.json").read_text())
@@ -74,10 +75,9 @@ def test_scale_reads_the_width_axis_back_as_points(tiny, tmp_path):
     mean = lambda k, p: np.mean([rows[m, p][k] for m in ("ga_gdr", "npo_klr")])
     assert np.isclose(q["kept"], mean("mech_kept", "rtn4")) and np.isclose(q["moved"], mean("mech_moved", "rtn4"))
     assert np.isclose(q["retained_fp4"], mean("retained_verbmem_forget", "fp4"))
-    assert np.isclose(q["excess_fp32"], mean("excess_verbmem_forget", "fp32"))
-    law = [100 - rows[m, "rtn4"]["mech_kept"] * (100 - rows[m, "fp32"]["retained_verbmem_forget"])
-           for m in ("ga_gdr", "npo_klr")]
-    assert np.isclose(q["law_retained_rtn4"], np.mean(law))
+    assert np.isclose(q["excess_full"], mean("excess_verbmem_forget", "full"))
+    law = figures.law_points(dict(rows=[r for r in rows.values() if r["precision"] in ("full", "rtn4")]))
+    assert np.isclose(q["law_retained_rtn4"], np.mean([predicted for _, predicted, _ in law]))
     assert (tmp_path / "9_scale.png").read_bytes()[:4] == b"\x89PNG"
     assert sweep.sweep(replace(cfg, fig_dir=""), conds)["points"] == res["points"]  # read back, nothing rerun
 

@@ -1,37 +1,62 @@
 """train.py: exact repetition, the exposures of target and retrain, the positions measurements feed, memorization."""
+import copy
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import tiny_configs
 from data.prepare import load_data
-from model import GPT, GPTConfig, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, to_dtype
 from train import train
 
 
 def test_training_repeats_exactly_and_pure_bf16_stays_bf16(tmp_path):
     cfg, dcfg = tiny_configs(tmp_path)
     data = load_data(dcfg, tmp_path)
-    runs = []
-    for dtype in (torch.float32, torch.float32, torch.bfloat16):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=64, vocab_size=data.vocab_size, n_layer=1, n_head=2, n_embd=32)).to(dtype)
-        train(model, data, cfg, 1e-3, torch.Generator().manual_seed(0), "t", memorize=("retain",), steps=5)
-        runs.append(model.state_dict())
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    assert all(v.dtype == torch.bfloat16 for v in runs[2].values())  # no float32 master copy
+    runs, opts = [], []
+    hook = register_optimizer_step_post_hook(lambda opt, args, kwargs: opts.append(opt))
+    try:
+        for dtype in (torch.float32, torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            model = to_dtype(GPT(GPTConfig(block_size=64, vocab_size=data.vocab_size, n_layer=1, n_head=2, n_embd=32)),
+                             dtype)
+            init = {k: v.clone() for k, v in model.state_dict().items()}
+            train(model, data, cfg, 1e-3, torch.Generator().manual_seed(0), "t", memorize=("retain",), steps=5,
+                  polish=0)
+            runs.append((init, model.state_dict()))
+    finally:
+        hook.remove()
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+    init, trained = runs[2]
+    assert all(v.dtype == torch.bfloat16 for v in trained.values())  # no float32 master copy...
+    assert all(not torch.equal(init[k], v) for k, v in trained.items() if v.dim() == 2)  # trained in bf16, and
+    # rounded there: an Adam step of about lr = 1e-3 is below half the bf16 spacing at 1.0 (2^-8), so the LayerNorm
+    # gains, initialised to 1, cannot move at all
+    assert all(torch.equal(init[k], v) for k, v in trained.items() if k.endswith(("ln_1.weight", "ln_f.weight")))
+    state = [t for s in opts[-1].state.values() for t in s.values() if t.numel() > 1]  # AdamW's moments
+    assert state and all(t.dtype == torch.bfloat16 for t in state)
 
 
 def test_retrain_is_the_target_recipe_without_the_forget_set(tiny, tmp_path):
-    """Each forget and retain sequence is in exactly `reps` of the target's batches; the retrain model sees every
-    retain sequence as often, the forget set never, and as many general windows."""
+    """Each forget and retain sequence is in exactly `reps` of the target's batches, plus one per polish pass; the
+    retrain model replays the passes, sees every retain sequence as often, the forget set never, and as many
+    general windows: batch_size - int(batch_size * mem_frac) per step, one step per n_mem memorized sequences."""
     data = load_data(tiny.dcfg, tiny.out_dir)
     target, retrain = tiny.summary["target"]["exposures"], tiny.summary["retrain"]["exposures"]
+    passes = target["polish_passes"]
+    assert retrain["polish_passes"] == passes
     for split in ("forget", "retain"):
-        assert target[split] == data.split(split).reps.tolist()
-    assert retrain["retain"] == data.split("retain").reps.tolist() and set(retrain["forget"]) == {0}
-    assert retrain["general_windows"] == target["general_windows"] > 0
+        assert target[split] == (data.split(split).reps + passes).tolist()
+    assert retrain["retain"] == (data.split("retain").reps + passes).tolist() and set(retrain["forget"]) == {0}
+    n_mem = int(tiny.cfg.batch_size * tiny.cfg.mem_frac)
+    n_seq = len(data.split("forget")) + len(data.split("retain"))
+    exposures = int(data.split("forget").reps.sum() + data.split("retain").reps.sum())
+    steps = math.ceil(round(tiny.cfg.tune_epochs * exposures) / n_mem) + passes * math.ceil(n_seq / n_mem)
+    assert target["general_windows"] == retrain["general_windows"] == steps * (tiny.cfg.batch_size - n_mem)
     assert json.loads((tiny.out_dir / "train.json").read_text())["retrain"]["exposures"] == retrain
 
 
@@ -52,3 +77,23 @@ def test_tiny_target_memorizes_and_retrain_does_not(tiny):
     assert retrain["retain_ma"] > retrain["forget_ma"] + 0.2
     assert abs(retrain["forget_ma"] - retrain["holdout_ma"]) < 0.1
     assert (tiny.out_dir / "train.json").exists() and (tiny.out_dir / "target.pt").exists()
+
+
+def test_the_target_polishes_until_book_and_facts_are_memorized(tiny, tmp_path):
+    """One epoch can leave a book chunk a token short; the target trains further passes until book and facts reach
+    --until_exact on forget and retain (or the cap), and says how far it got."""
+    target = tiny.summary["target"]
+    reached = min(target["by_kind"][k][f"{s}_exact"] for k in ("book", "facts") for s in ("forget", "retain"))
+    stop = target["exposures"]
+    assert stop["polish_reached"] == pytest.approx(reached)
+    assert reached >= tiny.cfg.until_exact or stop["polish_passes"] == tiny.cfg.max_polish
+    data, base = load_data(tiny.dcfg, tiny.out_dir), load_checkpoint(tiny.out_dir / "base.pt")[0]
+    cfg = replace(tiny.cfg, until_exact=0.0)  # a criterion met at once: no pass
+    _, seen = train(copy.deepcopy(base), data, cfg, 1e-3, torch.Generator().manual_seed(0), "t",
+                    memorize=("forget", "retain"), steps=3)
+    assert seen["polish_passes"] == 0 and seen["polish_reached"] >= 0
+    cfg = replace(tiny.cfg, until_exact=1.0, max_polish=2)  # 3 steps memorize nothing: polish stops at the cap
+    _, seen = train(copy.deepcopy(base), data, cfg, 1e-3, torch.Generator().manual_seed(0), "t",
+                    memorize=("forget", "retain"), steps=3)
+    assert seen["polish_passes"] == 2 and seen["polish_reached"] < 1.0
+    assert min(seen["forget"] + seen["retain"]) >= 2  # each pass: every memorized sequence once

@@ -14,7 +14,7 @@ import unlearn as U
 import unlearn_ga as ga
 import unlearn_memflex as mf
 import unlearn_npo as npo
-from data.prepare import Seqs, load_data
+from data.prepare import Seqs
 from model import GPT, GPTConfig, load_checkpoint, score
 
 
@@ -152,15 +152,73 @@ def test_memflex_localize_on_crafted_gradients():
     assert mf.localize(gf, gr, mu=1.0, sigma=0.0, select=50)[0] == {"a", "c"}
     assert mf.localize(gf, gr, mu=1.0, sigma=0.1, select=50)[0] == {"a"}
     assert mf.localize(gf, gr, mu=0.99, sigma=0.0, select=100)[0] == {"a", "c"}  # b: cos 1 is not < mu
+    # cos 0, 0.6, 0.8, 1 (retain grad (0.6, 0.8) against four forget grads): the q-th percentile interpolates at
+    # 3q between the sorted cosines; q = 25%: 0 + 0.75 * 0.6 = 0.45, q = 50%: 0.6 + 0.5 * 0.2 = 0.7
+    gf = {"w": torch.tensor([0.8, -0.6]), "x": torch.tensor([1.0, 0.0]), "y": torch.tensor([0.0, 1.0]),
+          "z": torch.tensor([0.6, 0.8])}
+    gr = {n: torch.tensor([0.6, 0.8]) for n in gf}
+    assert [s for s, _ in mf.localize(gf, gr, 1.0, 0.0)[1].values()] == pytest.approx([0.0, 0.6, 0.8, 1.0])
+    assert mf.localize(gf, gr, mu=1.0, sigma=0.0, select=25)[0] == {"w"}
+    assert mf.localize(gf, gr, mu=1.0, sigma=0.0, select=50)[0] == {"w", "x"}
+    assert mf.localize(gf, gr, mu=0.5, sigma=0.0, select=100)[0] == {"w"}
 
 
-def test_memflex_randomizes_only_answer_tokens_and_leaves_unselected_bit_identical():
+def test_memflex_randomize_answers_draws_floor_half_answer_positions_with_replacement():
+    """KnowUnDo's rule: floor(n/2) draws of an answer position, with replacement, each set to a drawable id. The
+    drawable ids (100..109) are none of the sequences' ids, so every drawn position changes and the changed
+    positions are the distinct positions drawn: for n = 5 (2 draws) one or two, one with probability 1/5, on average
+    5 (1 - (4/5)^2) = 1.8; for n = 2 (1 draw) exactly one; for n = 1 (0 draws) none."""
+    x = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0],    # prefix 2, length 7: n = 5 answer tokens, 2 draws
+                      [1, 2, 3, 4, 5, 0, 0, 0],    # prefix 3, length 5: n = 2, 1 draw
+                      [1, 2, 3, 4, 5, 6, 7, 1]])   # prefix 7, length 8: n = 1, no draw
+    seqs = Seqs(x, torch.tensor([7, 5, 8]), torch.tensor([2, 3, 7]), torch.ones(3, dtype=torch.long), ["book"] * 3,
+                [""] * 3)
+    ids = torch.arange(100, 110)
+    t = torch.arange(8)
+    answer = (t >= seqs.prefix[:, None]) & (t < seqs.length[:, None])
+    counts = []
+    for seed in range(400):
+        out = mf.randomize_answers(seqs, 0.5, ids, torch.Generator().manual_seed(seed)).x
+        changed = out != x
+        assert not changed[~answer].any()  # never the prompt or the padding
+        assert ((out[changed] >= 100) & (out[changed] < 110)).all()
+        counts.append(changed.sum(1).tolist())
+    counts = torch.tensor(counts)  # (seeds, 3) changed positions per sequence
+    assert set(counts[:, 0].tolist()) == {1, 2} and (counts[:, 1] == 1).all() and (counts[:, 2] == 0).all()
+    assert (counts[:, 0] == 1).float().mean().item() == pytest.approx(0.2, abs=0.06)  # a position drawn twice
+    assert counts[:, 0].float().mean().item() == pytest.approx(1.8, abs=0.06)
+    same = [mf.randomize_answers(seqs, 0.5, ids, torch.Generator().manual_seed(s)).x for s in (7, 7, 8)]
+    assert torch.equal(same[0], same[1]) and not torch.equal(same[0], same[2])  # seeded by the generator alone
+    assert torch.equal(mf.randomize_answers(seqs, 0.0, ids, torch.Generator().manual_seed(0)).x, x)
+
+
+def test_memflex_draws_every_id_but_the_special_ones(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    assert mf.drawable_ids(SimpleNamespace(vocab=[100257, 5, 9], vocab_size=3)).tolist() == [1, 2]  # 0: <|endoftext|>
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "<eos>": 2, "b": 3},
+                                                                              unk_token="[UNK]")),
+                                  unk_token="[UNK]", eos_token="<eos>")
+    tok.save_pretrained(tmp_path)
+    got = mf.drawable_ids(SimpleNamespace(vocab=None, vocab_size=len(tok), config=dict(tokenizer=str(tmp_path))))
+    assert got.tolist() == [1, 3]  # a Hugging Face tokenizer's own ids: unk 0 and eos 2 are special
+
+
+def test_memflex_localization_grads_average_the_copies():
+    """With nothing randomized (randomize 0), the copies are all the same and their mean gradient is the gradient of
+    answer_ce itself (a sum would be `copies` times it); randomized, it is not."""
+    model, seqs, _ = toy()
+    ids = torch.arange(1, 40)
+    plain = U.block_grads(model, mf.answer_ce(model, seqs))
+    mcfg = mf.MemFlexConfig(randomize=0.0, copies=3)
+    got = mf.localization_grads(model, seqs, mcfg, ids, torch.Generator().manual_seed(0))
+    assert all(torch.allclose(got[n], plain[n], rtol=1e-5, atol=1e-8) for n in plain)
+    got = mf.localization_grads(model, seqs, mf.MemFlexConfig(copies=3), ids, torch.Generator().manual_seed(0))
+    assert not all(torch.allclose(got[n], plain[n], rtol=1e-3) for n in plain)
+
+
+def test_memflex_leaves_unselected_matrices_bit_identical():
     model, seqs, data = toy()
-    shuffled = mf.randomize_answers(seqs, 0.5, 40, torch.Generator().manual_seed(0))
-    changed = shuffled.x != seqs.x
-    t = torch.arange(seqs.x.size(1))
-    assert not changed[(t < seqs.prefix[:, None]) | (t >= seqs.length[:, None])].any()
-    assert 0.2 < changed.float().sum() / (seqs.length - seqs.prefix).sum() < 0.6  # ~half (a few redraw the same id)
     mask = {"transformer.h.1.mlp.c_fc", "transformer.h.0.attn.c_proj"}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model, _ = U.unlearn(model, data, ga.ga_loss, U.UnlearnConfig(steps=4, batch_size=4, lr=1e-3),
@@ -181,23 +239,12 @@ def test_answer_ce_is_the_mean_per_sequence_answer_cross_entropy():
     assert got.item() == pytest.approx(torch.stack(per_seq).mean().item(), rel=1e-5)
 
 
-def test_memflex_localizes_with_randomized_forget_and_retain_gradients(tiny, tiny_target):
-    """The cosines MemFlex reports are those of the mean gradients on randomized copies of the forget and of the
-    retain split (KnowUnDo): computed here again, they match; a localization that ignored the retain split (forget
-    against its own randomized copy, say) would not. With mu between the smallest and largest cosine, some
-    matrices are selected and not all, and only those move."""
-    mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--select", "100", "--mu", "0.9", "--sigma", "0"])
+def test_memflex_trains_exactly_the_matrices_its_table_selects(tiny, tiny_target):
+    """The matrices MemFlex trains are those its printed and saved table selects: with --select 100, those with
+    cos < mu (with mu between the two middle cosines, half of them); by default, the quarter with the lowest
+    cosines."""
+    mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--select", "100", "--mu", "1", "--sigma", "0"])
     table = json.loads((tiny_target / "memflex.json").read_text())["localization"]
-    model, _ = load_checkpoint(tiny_target / "target.pt")
-    data = load_data(tiny.dcfg, tiny_target)
-    mcfg, gen = mf.MemFlexConfig(), torch.Generator().manual_seed(1337)
-    g_f, g_r = (mf.localization_grads(model, data.split(s), mcfg, data.vocab_size, gen) for s in ("forget", "retain"))
-    _, expected = mf.localize(g_f, g_r, 0.9, 0)
-    flat = lambda t: [v for n in sorted(t) for v in t[n]]
-    assert list(table) == list(expected)
-    assert flat({n: (r["cos"], r["mean_abs_grad"]) for n, r in table.items()}) == pytest.approx(flat(expected))
-    g_self = mf.localization_grads(model, data.split("forget"), mcfg, data.vocab_size, gen)
-    assert flat(mf.localize(g_f, g_self, 0.9, 0)[1]) != pytest.approx(flat(expected), abs=1e-3)
     cos = sorted(r["cos"] for r in table.values())
     mu = (cos[len(cos) // 2 - 1] + cos[len(cos) // 2]) / 2  # between the two middle cosines: half are selected
     mf.main(["--out_dir", str(tiny_target), "--steps", "2", "--select", "100", "--mu", str(mu), "--sigma", "0"])
