@@ -51,7 +51,7 @@ import model as M
 import quantize_cli as QC
 import train as T
 from data.prepare import DataConfig, load_data
-from settings import check_range, cli, environment
+from settings import check_range, cli, cpu_name, environment
 from unlearn import METHODS
 
 CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrained methods of the 21% -> 83%
@@ -261,10 +261,7 @@ def job_threads():
 def machine(device, workers):
     """Where the numbers come from: the platform, the CPU's model and torch's kernel level for it (AVX2, AVX512,
     ...: pure bf16 is native only on some), the device and the workers."""
-    cpuinfo = Path("/proc/cpuinfo")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")),
-               platform.processor()) if cpuinfo.exists() else platform.processor()
-    return dict(platform=platform.platform(), cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+    return dict(platform=platform.platform(), cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 cpu_count=os.cpu_count(), device=device, workers=workers, job_threads=JOB_THREADS)
 
 

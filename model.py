@@ -229,7 +229,7 @@ def adamw(params, dtype, **kw):
 
 
 def to_dtype(model, dtype):
-    """Casts the model's parameters (and their gradients) to dtype, in place, and returns it. Buffers keep their own
+    """Casts the model's parameters to dtype, in place, and returns it. Buffers keep their own
     dtype: a Llama's RoPE frequencies (inv_freq) stay float32, as transformers keeps them, where model.to(dtype)
     would round them to bf16 and the reloaded model would no longer be the one that was trained. Tied parameters
     stay tied (each Parameter object is cast once, in place)."""
@@ -359,11 +359,6 @@ def atomic_write_bytes(path, data):
         raise
 
 
-def digest_bytes(data):
-    """A short hash of bytes."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 DIGESTS = {}  # (path, size, mtime) -> digest: each version of a file is hashed once per process
 
 
@@ -375,7 +370,7 @@ def digest(path):
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in DIGESTS:
-        DIGESTS[key] = digest_bytes(path.read_bytes())
+        DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return DIGESTS[key]
 
 

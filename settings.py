@@ -6,6 +6,7 @@ refuses values out of range with check_range(), so a bad setting fails with a us
 import argparse
 import hashlib
 import inspect
+import platform
 import re
 from dataclasses import fields
 from importlib.metadata import version
@@ -53,6 +54,14 @@ def check_range(cfg, **valid):
 
 
 CODE = sorted(Path(__file__).resolve().parent.glob("*.py")) + [Path(__file__).resolve().parent / "data" / "prepare.py"]
+
+
+def cpu_name():
+    """The CPU's model name, as lscpu shows it (/proc/cpuinfo), else what platform knows."""
+    info = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")] \
+        if info.exists() else []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def environment(device, base, threads, bf16_native=None):

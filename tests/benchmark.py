@@ -73,6 +73,7 @@ def step_times(hf_dir, batch=16, T=48, repeat=2):
     sys.path.insert(0, str(ROOT))
     import model as M
     import pretrained
+    from settings import cpu_name
     native = M.bf16_native("cpu")
     print(f"{cpu_name()}, {os.cpu_count()} cores, {torch_threads()} thread(s), torch CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; bf16 arithmetic judged {'native' if native else 'slow'} "
@@ -91,14 +92,6 @@ def step_times(hf_dir, batch=16, T=48, repeat=2):
             opt.step()
             best = min(best, time.time() - t0)
         print(f"| {str(stored)[6:]} | {str(compute)[6:]} | {best:.2f} |", flush=True)
-
-
-def cpu_name():
-    """The CPU's model name (lscpu's), else what platform knows."""
-    info = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")] \
-        if info.exists() else []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def torch_threads():
@@ -137,6 +130,8 @@ def main():
                 print(f"{name}: {sec:.1f}s, peak {mb:.0f} MB", file=sys.stderr)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+    sys.path.insert(0, str(ROOT))
+    from settings import cpu_name
     print(f"\n{cpu_name()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}\n\n| command | wall time | peak memory |\n|---|---|---|")
     for name, sec, mb in rows:
