@@ -58,6 +58,7 @@ CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrai
 SURE = tuple(m + "_sure" for m in CONSTRAINED)  # the same with SURE, the paper's fix, averaged on their own
 PRECISIONS = {"full": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(method=m, bits=b, **kw) for m, b, kw in (
     ("rtn", 8, dict(absmax=True)), ("rtn", 4, {}), ("gptq", 4, {}), ("nf4", 4, {}), ("fp4", 4, {}),
+    ("rtn", 8, {}), ("rtn", 6, {}), ("rtn", 5, {}), ("gptq", 6, {}),
     ("rtn", 4, dict(sym=False)), ("gptq", 4, dict(group_size=128)),
     *(("rtn", 4, dict(group_size=g, sym=s)) for g in (32, 64, 128) for s in (True, False))))}}
 # block Linears only; per output channel and symmetric (the paper's Eq. 2) unless the name says _asym (min-max) or
@@ -412,8 +413,9 @@ def main(argv=None):
     pool = None if workers == 1 else concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker)
     try:
-        t_rows = time.time()
+        t_rows, fresh = time.time(), {}
         for kind, name, res in run_and_measure(pool, cfg, run, todo):
+            fresh.update({(name, c["row"]["precision"]): c for c in res} if kind == "rows" else {})
             if kind == "method":
                 seconds.setdefault("methods", {})[name] = progress.done("method", f"{name} -> {out / name}.pt", res)
             else:
@@ -428,9 +430,10 @@ def main(argv=None):
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    cache = {(n, p): cached(cfg, n, p) for n in models for p in precisions}
+    cache = {(n, p): fresh.get((n, p)) or cached(cfg, n, p) for n in models for p in precisions}
     rows = [c["row"] for c in cache.values()]
     summary = relative(rows, precisions)
+    matched = metrics.damage_matched({r["precision"]: r["verbmem_forget"] for r in rows if r["model"] == "target"})
     seconds.update(rows=round(time.time() - t_rows, 2),
                    per_row={f"{n}_{p}": c["seconds"] for (n, p), c in cache.items()})
 
@@ -443,7 +446,7 @@ def main(argv=None):
                 versions=dict(python=platform.python_version(), **{p: version(p) for p in PACKAGES + (
                     ("transformers",) if cfg.base else ())}),
                 corpora=target_ckpt["corpora"], data=target_ckpt["data"], training=target_ckpt["config"],
-                methods=method_meta, mech_bins=list(metrics.RATIO_BINS[:-1]), seconds=seconds,
+                methods=method_meta, damage_matched=matched, mech_bins=list(metrics.RATIO_BINS[:-1]), seconds=seconds,
                 quantizers={p: PRECISIONS[p] and asdict(replace(PRECISIONS[p], seed=cfg.seed)) for p in precisions},
                 machine=machine(dev, workers))
     results = plain(dict(meta=meta, retained=summary, rows=rows))
@@ -494,9 +497,10 @@ def over_seeds(cfg, argv):
     rows = [dict(model=m, precision=p, **{k: mean_sd([r[k] for r in rs]) for k, v in rs[0].items()
                                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
             for (m, p), rs in by.items()]
-    retained = {p: {g: {k: mean_sd([run["retained"][p][g][k] for run in runs]) for k in RETAINED} for g in groups}
-                for p, groups in runs[0]["retained"].items()}
+    retained = {p: {g: {k: mean_sd([run["retained"][p][g][k] for run in runs]) for k in v if k != "methods"}
+                    for g, v in groups.items()} for p, groups in runs[0]["retained"].items()}
     meta = dict(seeds=seeds, seconds=round(time.time() - t0, 1), precisions=runs[0]["meta"]["precisions"],
+                damage_matched=[run["meta"]["damage_matched"] for run in runs],
                 machine=runs[0]["meta"]["machine"], settings=runs[0]["meta"]["settings"])
     results = plain(dict(meta=meta, retained=retained, rows=rows))
     if "durability" in runs[0]:
@@ -511,8 +515,8 @@ def over_seeds(cfg, argv):
 def report(results):
     """The paper's Table 1 layout (Zhang et al. 2024, Table 1) at full precision and the first 4-bit one, then the
     retained summary. A number is a float, or [mean, sd] over seeds (out/seeds.json)."""
-    rows, precs = results["rows"], results["meta"]["precisions"]
-    shown = ["full"] + [p for p in precs if p.endswith("4")][:1]
+    rows, precs, matched = results["rows"], results["meta"]["precisions"], results["meta"].get("damage_matched")
+    shown = ["full"] + [p for p in precs if p.endswith("4")][:1] + ([matched] if isinstance(matched, str) else [])
 
     def fmt(v, scale=1):
         if v is None:
@@ -529,7 +533,10 @@ def report(results):
     for p, groups in results["retained"].items():
         print(f"retained % at {p:<6}" + " | ".join(
             f"{g}: VerbMem {fmt(v['verbmem_forget']).strip()}, KnowMem {fmt(v['knowmem_forget']).strip()}, "
-            f"exact {fmt(v['forget_exact']).strip()}" for g, v in groups.items()))
+            f"exact {fmt(v['forget_exact']).strip()}; excess VerbMem {fmt(v['excess_verbmem_forget']).strip()}"
+            for g, v in groups.items()))
+    print(f"damage-matched precision (the target keeps >= {100 * metrics.PAPER_KEEP:.1f}% of its full-precision "
+          f"VerbMem, and the least such, as the paper's 7B at 4 bits): {matched or 'none'}")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,20 @@ def retained_pct(metric_unlearned, metric_target):
     return float("nan") if metric_target == 0 else metric_unlearned / metric_target * 100
 
 
+PAPER_KEEP = 85.3 / 99.8  # the paper's 7B target at 4 bits: VerbMem 99.8 -> 85.3 (Zhang et al. 2024, Table 1)
+
+
+def damage_matched(target_scores, keep=PAPER_KEEP):
+    """The precision that hurts the target as 4 bits hurt the paper's 7B target: of the quantized precisions
+    (target_scores: {precision: the target's score there}, "full" among them), the one where the target's score
+    is lowest while still at least keep × its full-precision score. A quantizer that wipes the target's own
+    memorization cannot show it coming back, and one that leaves it whole cannot move an update either; this one
+    sits at the paper's damage. None when no quantized precision keeps that much."""
+    full = target_scores["full"]
+    ok = {p: s for p, s in target_scores.items() if p != "full" and s >= keep * full}
+    return min(ok, key=ok.get) if ok else None
+
+
 EXCESS_FLOOR = 0.1  # excess_retained is read only where the target leads retrain by 10% of its own score
 
 

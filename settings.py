@@ -54,6 +54,8 @@ def check_range(cfg, **valid):
 
 
 CODE = sorted(Path(__file__).resolve().parent.glob("*.py")) + [Path(__file__).resolve().parent / "data" / "prepare.py"]
+CODE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in CODE)).hexdigest()[:16]  # read once, as the process
+# imports its code: a file edited while a study runs does not re-key what this process computes with the old code
 
 
 def cpu_name():
@@ -69,6 +71,5 @@ def environment(device, base, threads, bf16_native=None):
     device, the torch version (and transformers' with a Hugging Face base), the torch threads a job runs with (they
     change the order of float sums), for a bf16 run whether its arithmetic is bf16 or float32 (model.compute_dtype),
     and the code that computes it (a hash of the repository's Python files)."""
-    code = hashlib.sha256(b"".join(p.read_bytes() for p in CODE)).hexdigest()[:16]
     return dict(device=device, torch=torch.__version__, threads=threads, bf16_native=bf16_native,
-                transformers=version("transformers") if base else None, code=code)
+                transformers=version("transformers") if base else None, code=CODE_HASH)

@@ -238,3 +238,11 @@ def test_mechanism_on_identical_and_crafted_weights():
     assert m["moved"] == 1.0 and m["same_moved"] > 0.7 and m["kept"] == pytest.approx(1.0, abs=0.1)
     with pytest.raises(ValueError, match="gptq"):
         metrics.mechanism(theta_o, theta_u, dict(RTN4, method="gptq"))
+
+
+def test_damage_matched_is_the_most_damaging_precision_that_keeps_the_papers_share():
+    scores = {"full": 100.0, "int8": 99.9, "rtn6": 88.0, "rtn5": 80.0, "rtn4": 40.0}
+    assert metrics.damage_matched(scores) == "rtn6"  # 88 >= 85.47; rtn5's 80 is below it
+    assert metrics.damage_matched(scores, keep=0.75) == "rtn5"
+    assert metrics.damage_matched({"full": 100.0, "rtn4": 40.0}) is None
+    assert abs(metrics.PAPER_KEEP - 0.8547) < 1e-4
