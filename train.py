@@ -210,7 +210,7 @@ def data_config(cfg, dcfg, dev, dtype):
     if not cfg.base:
         return dcfg
     import pretrained  # the Hugging Face path: transformers is imported only there
-    path = pretrained.base_dir(cfg.base, cfg.out_dir, dev, dtype)
+    path = pretrained.base_dir(cfg.base, dev, dtype)
     if dcfg.tokenizer not in ("cl100k", path):
         raise SystemExit(f"--tokenizer {dcfg.tokenizer}: with --base {cfg.base} the data use the base model's "
                          f"tokenizer; drop --tokenizer")

@@ -5,7 +5,7 @@ README. Not a test (pytest does not collect it): it takes minutes.
 $ python tests/benchmark.py                       # everything
 $ python tests/benchmark.py --only model,tests    # a subset: model, unlearn, quantize, evaluate, tests
 $ python tests/benchmark.py --quantizers out      # the quantizer table: each quantizer on out/target.pt
-$ python tests/benchmark.py --step out_hf/hf/smollm2   # one fine-tuning step of that model, float32 vs pure bf16
+$ python tests/benchmark.py --step data/models/smollm2   # one fine-tuning step of that model, float32 vs pure bf16
 """
 import argparse
 import os

