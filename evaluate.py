@@ -9,6 +9,7 @@ $ python evaluate.py --dtype bfloat16 --unlearn_args "--lr 1e-4 --steps 100"   #
 $ python evaluate.py --seeds 1337,1338,1339        # the study at three seeds -> out/seeds.json, mean ± sd
 $ python evaluate.py --base hf:DIR --train_args "--tune_lr 1e-4" --out_dir out_hf   # a local Hugging Face causal LM
                                                    # as the base of it all (train.py; hf:smollm2 for SmolLM2-135M)
+$ python evaluate.py --preset smollm2 --seeds 1337,1338,1339   # the real-model study (PRESETS), each seed its own data
 
 base/target/retrain are trained only when missing (`python model.py --force` retrains them; models on disk trained
 with other values of the settings --train_args names, or from another --base, are refused). The rest is keyed on
@@ -65,6 +66,14 @@ PRECISIONS = {"full": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(meth
 # _gN (a grid per N input columns, the last group ragged where N does not divide them); nf4/fp4 per block of 64.
 # int8 is LLM.int8's absmax grid. "full" is full precision: the unquantized model, stored in its own dtype (float32,
 # or bf16 in a pure-bf16 study: results.json's meta.settings.dtype), measured in float32 arithmetic (measure_model)
+PRESETS = {  # README, "On a pretrained model": SmolLM2-135M fine-tuned in float32 past exact recall of 16 bios and
+    # released in bf16, unlearned in pure bf16 at twice the paper's learning rate, read at the per-channel precisions
+    # that bracket its own 4-bit damage; sized for 20 minutes on 2 cores
+    "smollm2": ["--base", "hf:smollm2", "--out_dir", "out_smollm2", "--fig_dir", "out_smollm2/figures",
+                "--dtype", "bfloat16", "--methods", "ga_gdr,npo_klr", "--precisions", "full,int8,rtn6,rtn5,rtn4,fp4",
+                "--el_stride", "0", "--vary_data", "--unlearn_args", "--lr 2e-5 --steps 150", "--train_args",
+                "--n_facts 4 --n_book 0 --n_secrets 0 --mem_reps 32 --tune_lr 1e-4 --save_dtype bfloat16"],
+}
 RETAINED = ("verbmem_forget", "knowmem_forget", "forget_exact")  # retained % is reported for these
 PACKAGES = ("torch", "numpy", "tiktoken", "matplotlib")  # their versions go into results.json
 
@@ -87,6 +96,8 @@ class StudyConfig:
     durability: bool = False  # then relearning attacks on every model and the durability card (durability.py)
     base: str = ""  # '' = the GPT of model.py; hf:DIR = a local Hugging Face causal LM as the base (train.py --base)
     train_args: str = ""  # more settings of train.py and data/prepare.py, e.g. "--tune_lr 1e-4 --n_facts 5"
+    vary_data: bool = False  # with --seeds: each seed draws its own data as well (data/prepare.py's --data_seed)
+    preset: str = ""  # a named study (PRESETS): its settings, then the command line's own, which win
 
     def __post_init__(self):
         check_range(self, workers=">= 0", el_stride=">= 0", top_k=">= 1")
@@ -383,10 +394,15 @@ def stop(signum, frame):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg, rcfg = cli(__doc__, StudyConfig, durability.RelearnConfig, argv=argv)
     signal.signal(signal.SIGTERM, stop)  # unwinds as Ctrl-C does: the workers are stopped, partial files removed
+    if cfg.preset:
+        if cfg.preset not in PRESETS:
+            raise SystemExit(f"--preset {cfg.preset}: the presets are {', '.join(PRESETS)}")
+        return main([*PRESETS[cfg.preset], *argv, "--preset", ""])
     if cfg.seeds:
-        return over_seeds(cfg, sys.argv[1:] if argv is None else argv)
+        return over_seeds(cfg, argv)
     M.weight_dtype(cfg.dtype)  # refuses an unknown one before anything runs
     methods = names(cfg.methods, METHODS, "methods")
     precisions = list(dict.fromkeys(["full", *names(cfg.precisions, PRECISIONS, "precisions")]))
@@ -485,10 +501,11 @@ def seed_list(value):
 
 def over_seeds(cfg, argv):
     """--seeds: the study once per seed (the first in out_dir itself, the others in out_dir/seed_<s>, each with its
-    own base/target/retrain; the data are the same), then every number's mean ± sample sd over the seeds:
-    out_dir/seeds.json, and Table 1 with its spreads, printed."""
+    own base/target/retrain; the data are the same unless --vary_data), then every number's mean ± sample sd over
+    the seeds: out_dir/seeds.json, and Table 1 with its spreads, printed."""
     seeds, t0 = seed_list(cfg.seeds), time.time()
-    runs = [main([*argv, "--seeds", "", "--seed", str(s)] + ([] if i == 0 else [
+    data = lambda s: ["--train_args", f"{cfg.train_args} --data_seed {s}"] if cfg.vary_data else []
+    runs = [main([*argv, "--seeds", "", "--seed", str(s), *data(s)] + ([] if i == 0 else [
         "--out_dir", str(Path(cfg.out_dir) / f"seed_{s}"), "--fig_dir", ""])) for i, s in enumerate(seeds)]
     by = {}
     for run in runs:

@@ -188,3 +188,17 @@ def test_sigterm_stops_the_workers_and_keeps_what_finished(tiny, tmp_path):
     assert not list(out.rglob("*.tmp"))
     done = [*out.glob("runs/*.json"), *out.glob("rows/*.json")]
     assert done and all(json.loads(f.read_text()) for f in done)
+
+
+def test_a_preset_is_its_settings_then_the_command_lines_own(monkeypatch):
+    seen = []
+    monkeypatch.setitem(ev.PRESETS, "probe", ["--methods", "ga", "--seed", "7"])
+    monkeypatch.setattr(ev, "over_seeds", lambda cfg, argv: seen.append((cfg, argv)))
+    ev.main(["--preset", "probe", "--seed", "8", "--seeds", "8,9"])
+    cfg, argv = seen[0]
+    assert (cfg.methods, cfg.seed, cfg.preset) == ("ga", 8, "")  # the command line wins over the preset
+    with pytest.raises(SystemExit, match="the presets are smollm2"):
+        ev.main(["--preset", "nope"])
+    for name, settings in ev.PRESETS.items():  # every preset names valid methods and precisions
+        cfg = ev.cli(ev.__doc__, ev.StudyConfig, argv=settings)[0]
+        ev.names(cfg.methods, ev.METHODS, "methods") and ev.names(cfg.precisions, ev.PRECISIONS, "precisions")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evaluate
+import metrics
 import model as M
 import pretrained
 import quantize as Q
@@ -118,22 +119,27 @@ TRAIN_ARGS = (f"--book {TEXTS / 'book.txt'} --general {TEXTS / 'general.txt'} --
 @pytest.fixture(scope="module")
 def hf_study(tmp_path_factory):
     """The whole study (evaluate.py) on a tiny random Llama with a BPE tokenizer: base, target, retrain, two methods,
-    full precision and rtn4."""
+    the precision axis: full precision, 6-bit RTN and GPTQ, rtn4."""
     root = tmp_path_factory.mktemp("hf_study")
     path, _ = tiny_hf(root, "llama", tokenizer=bpe_tokenizer())
     results = evaluate.main(["--out_dir", str(root / "out"), "--fig_dir", "", "--base", f"hf:{path}", "--methods",
-                             "ga_gdr,npo_klr", "--precisions", "full,rtn4", "--workers", "1", "--train_args",
+                             "ga_gdr,npo_klr", "--precisions", "full,rtn6,gptq6,rtn4", "--workers", "1", "--train_args",
                              TRAIN_ARGS, "--unlearn_args", "--steps 3 --batch_size 4"])
     return SimpleNamespace(path=path, out=root / "out", results=results)
 
 
 def test_hf_base_runs_the_whole_study(hf_study):
     rows = {(r["model"], r["precision"]): r for r in hf_study.results["rows"]}
-    assert set(rows) == {(m, p) for m in ("target", "retrain", "ga_gdr", "npo_klr") for p in ("full", "rtn4")}
+    precs = ("full", "rtn6", "gptq6", "rtn4")
+    assert set(rows) == {(m, p) for m in ("target", "retrain", "ga_gdr", "npo_klr") for p in precs}
     for (m, p), r in rows.items():
         assert 0 <= r["verbmem_forget"] <= 100 and r["holdout_ppl"] > 1 and 0 <= r["knowmem_forget"] <= 100
-        assert ("mech_kept" in r) == (m in ("ga_gdr", "npo_klr") and p == "rtn4"), (m, p)
-        assert r["quant_error"] > 0 if p == "rtn4" else "quant_error" not in r
+        assert ("mech_kept" in r) == (m in ("ga_gdr", "npo_klr") and p in ("rtn6", "rtn4")), (m, p)
+        assert r["quant_error"] > 0 if p != "full" else "quant_error" not in r
+        if p == "rtn6":  # two more bits: a quarter of the grid spacing, a smaller output error
+            assert r["quant_error"] < rows[m, "rtn4"]["quant_error"] / 2, m
+    target = {p: rows["target", p]["verbmem_forget"] for p in precs}
+    assert hf_study.results["meta"]["damage_matched"] == metrics.damage_matched(target)
     assert 0 < rows["ga_gdr", "rtn4"]["mech_moved"] <= 1 and len(rows["ga_gdr", "rtn4"]["mech_layers"]) == 14
     assert hf_study.results["retained"]["rtn4"]["constrained"]["methods"] == ["ga_gdr", "npo_klr"]
     meta = hf_study.results["meta"]
@@ -167,7 +173,7 @@ def test_the_headline_over_studies_is_their_mean_and_sd(hf_study, capsys):
     res = sweep.headline_over([hf_study.out, hf_study.out])
     rows = {(r["model"], r["precision"]): r for r in hf_study.results["rows"]}
     h = res["headline"]
-    assert list(h) == ["full", "rtn4"] and res["seeds"] == [1337, 1337]
+    assert list(h) == ["full", "rtn6", "gptq6", "rtn4"] and res["seeds"] == [1337, 1337]
     assert h["rtn4"]["target_exact"] == [100 * rows["target", "rtn4"]["forget_exact"], 0.0]
     assert h["full"]["privleak"][0] == pytest.approx((rows["ga_gdr", "full"]["privleak"]
                                                       + rows["npo_klr", "full"]["privleak"]) / 2)
