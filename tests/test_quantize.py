@@ -273,7 +273,7 @@ def test_cli_quantizes_the_newest_unlearned_model_and_compares_with_the_target(t
     out = capsys.readouterr().out
     for row in ("ga          float32", "ga          rtn3_g32_asym", "target      float32", "target      rtn3_g32_asym"):
         assert row in out
-    assert "forget exact-match of ga as a share of target's" in out
+    assert "forget exact-match of ga as a share of target's" in out and "the rounded update keeps" in out
     model, ckpt = Q.load_quantized(tmp_path / "ga_rtn3_g32_asym.pt")
     assert ckpt["quant"]["bits"] == 3 and ckpt["quant"]["source"].endswith("ga.pt")
     data = load_data(ckpt["data"], tmp_path)
@@ -404,3 +404,12 @@ def test_cli_quantizes_the_tiny_target_with_awq(tiny, tmp_path, capsys):
     assert 0 < quant["rel_output_error"] < 0.05
     assert all("awq_scale" in r for r in ckpt["qweights"].values())
     assert QC.quant_name(QC.QuantConfig(method="awq", group_size=128, sym=False, clip=False)) == "awq4_g128_asym_noclip"
+
+
+def test_the_tours_verdict_says_what_came_back_and_else_why_not():
+    row = lambda exact: dict(forget_exact=exact)
+    assert QC.verdict(row(0.1), row(0.5), row(1.0), row(0.9), 0.2, "rtn6").startswith("rtn6 brought 0.40 of")
+    wiped = QC.verdict(row(0.0), row(0.0), row(1.0), row(0.1), None, "rtn4")
+    assert wiped.startswith("nothing came back at rtn4: rtn4 wipes the target's own memorization too (1.00 -> 0.10)")
+    kept = QC.verdict(row(0.0), row(0.05), row(1.0), row(1.0), 0.97, "rtn4")
+    assert "keeps 0.97 of itself" in kept and "--preset smollm2" in kept and "wipes" not in kept
