@@ -68,7 +68,8 @@ PRECISIONS = {"full": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(meth
 # or bf16 in a pure-bf16 study: results.json's meta.settings.dtype), measured in float32 arithmetic (measure_model)
 PRESETS = {  # README, "On a pretrained model": SmolLM2-135M fine-tuned in float32 past exact recall of 16 bios and
     # released in bf16, unlearned in pure bf16 at twice the paper's learning rate, read at the per-channel precisions
-    # that bracket its own 4-bit damage; sized for 20 minutes on 2 cores
+    # that bracket its own 4-bit damage; one seed with training took about 27 minutes on 2 cores with native bf16
+    # (README), over the 20-minute aim
     "smollm2": ["--base", "hf:smollm2", "--out_dir", "out_smollm2", "--fig_dir", "out_smollm2/figures",
                 "--dtype", "bfloat16", "--methods", "ga_gdr,npo_klr", "--precisions", "full,int8,rtn6,rtn5,rtn4,fp4",
                 "--el_stride", "0", "--vary_data", "--unlearn_args", "--lr 2e-5 --steps 150", "--train_args",
