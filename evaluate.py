@@ -59,19 +59,21 @@ CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrai
 SURE = tuple(m + "_sure" for m in CONSTRAINED)  # the same with SURE, the paper's fix, averaged on their own
 PRECISIONS = {"full": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(method=m, bits=b, **kw) for m, b, kw in (
     ("rtn", 8, dict(absmax=True)), ("rtn", 4, {}), ("gptq", 4, {}), ("nf4", 4, {}), ("fp4", 4, {}),
-    ("rtn", 8, {}), ("rtn", 6, {}), ("rtn", 5, {}), ("gptq", 6, {}),
+    ("rtn", 8, {}), ("rtn", 6, {}), ("rtn", 5, {}), ("gptq", 6, {}), ("awq", 4, {}), ("awq", 6, {}),
+    ("gptq", 4, dict(calib="retain")), ("awq", 4, dict(calib="retain")),
     ("rtn", 4, dict(sym=False)), ("gptq", 4, dict(group_size=128)),
     *(("rtn", 4, dict(group_size=g, sym=s)) for g in (32, 64, 128) for s in (True, False))))}}
 # block Linears only; per output channel and symmetric (the paper's Eq. 2) unless the name says _asym (min-max) or
 # _gN (a grid per N input columns, the last group ragged where N does not divide them); nf4/fp4 per block of 64.
+# gptq and awq are calibrated on general text, or on the retain set where the name says _retain (QC.calibration_text).
 # int8 is LLM.int8's absmax grid. "full" is full precision: the unquantized model, stored in its own dtype (float32,
 # or bf16 in a pure-bf16 study: results.json's meta.settings.dtype), measured in float32 arithmetic (measure_model)
 PRESETS = {  # README, "On a pretrained model": SmolLM2-135M fine-tuned in float32 past exact recall of 16 bios and
-    # released in bf16, unlearned in pure bf16 at twice the paper's learning rate, read at the per-channel precisions
-    # that bracket its own 4-bit damage; one seed with training took about 27 minutes on 2 cores with native bf16
-    # (README), over the 20-minute aim
+    # released in bf16, unlearned by GA+GDR in pure bf16 at twice the paper's learning rate, read at the per-channel
+    # precisions that bracket its own 4-bit damage; one method, so a seed with training fits 20 minutes on 2 cores
+    # (README: --methods ga_gdr,npo_klr and the calibrated quantizers of Table 2 are the larger settings)
     "smollm2": ["--base", "hf:smollm2", "--out_dir", "out_smollm2", "--fig_dir", "out_smollm2/figures",
-                "--dtype", "bfloat16", "--methods", "ga_gdr,npo_klr", "--precisions", "full,int8,rtn6,rtn5,rtn4,fp4",
+                "--dtype", "bfloat16", "--methods", "ga_gdr", "--precisions", "full,int8,rtn6,rtn5,rtn4,fp4",
                 "--el_stride", "0", "--vary_data", "--unlearn_args", "--lr 2e-5 --steps 150", "--train_args",
                 "--n_facts 4 --n_book 0 --n_secrets 0 --mem_reps 32 --tune_lr 1e-4 --save_dtype bfloat16"],
 }
@@ -207,7 +209,8 @@ def cached(cfg, name, prec):
 
 def measure_model(cfg, name, precisions):
     """A job: the rows of one model at the given precisions, each a copy quantized in memory and measured, for the
-    unlearned models at rtn/nf4/fp4 with the mechanism against the target; each row is cached in out/rows/. Every
+    unlearned models with the mechanism against the target (at gptq/awq only its `kept`, from the target quantized
+    the same way: metrics.update_kept); each row is cached in out/rows/. Every
     row is measured in float32 arithmetic: a bf16 model's weights are float32 numbers exactly, so the unquantized
     row is the stored model itself, and a quantized copy holds exactly its quantizer's levels (written back into
     bf16 weights they would be rounded again: at int8, 99% of them off the grid)."""
@@ -222,7 +225,12 @@ def measure_model(cfg, name, precisions):
             _, quant = QC.quantize_with(qmodel, replace(qcfg, seed=cfg.seed), data)
             row["quant_error"] = quant["rel_output_error"]  # mean relative output error of the Linears
         row.update(metrics.measure(qmodel, data, cfg.el_stride if qcfg is None else 0, cfg.top_k))
-        if quant and quant["method"] != "gptq" and name in METHODS:
+        if quant and quant["method"] in QC.CALIBRATED and name in METHODS:  # kept from Q(θ_o), made the same way
+            qtarget = M.to_dtype(copy.deepcopy(target), torch.float32)
+            QC.quantize_with(qtarget, replace(qcfg, seed=cfg.seed), data)
+            mech = metrics.update_kept(target, model, qtarget, qmodel, quant["lm_head"])
+            row.update(mech_moved=mech["moved"], mech_kept=mech["kept"])
+        elif quant and name in METHODS:
             mech = metrics.mechanism(target, model, quant)
             pooled = mech["all"]
             row.update(mech_hist=[h / pooled["n"] for h in pooled["hist"]], mech_moved=pooled["moved"],

@@ -275,7 +275,7 @@ def measure(model, data, el_stride=8, top_k=10):
                outliers_holdout_high=hold_high, outlier_auc=outlier_auc(f["ma"], h["ma"]),
                extraction_top_k=ranked_extraction(f["logprob"], forget.length - 1, f["exact"], top_k),
                forget_el=el_n(model, forget, stride=el_stride).nanmean().item() if el_stride else None,
-               forget_ma_seq=[round(v, 4) for v in f["ma"].tolist()],
+               forget_ma_seq=[round(v, 4) for v in f["ma"].tolist()], forget_exact_seq=f["exact"].int().tolist(),
                holdout_ma_seq=[round(v, 4) for v in h["ma"].tolist()])
     return row
 
@@ -323,8 +323,9 @@ def mechanism(theta_o, theta_u, quant):
     measured it. `kept` = ⟨Q(θ_u) − Q(θ_o), δ⟩ / ⟨δ, δ⟩ (Q: quantize, then dequantize), the share of the update's
     direction that survives rounding: 0 when every move rounds back; about 1 when the moved weights sit anywhere
     in their cells, since a weight then crosses into the next cell with probability |δ|/Δ and moves by Δ, so the
-    rounded update is δ on average however many of them round back. rtn, nf4, fp4 only: GPTQ's rounding depends on
-    its calibration inputs. "all" pools every matrix."""
+    rounded update is δ on average however many of them round back. rtn, nf4, fp4 only: GPTQ's and AWQ's rounding
+    depends on their calibration inputs (update_kept reads kept off their quantized models). "all" pools every
+    matrix."""
     if quant["method"] not in ("rtn", *Q.CODEBOOKS):
         raise ValueError(f"mechanism is defined for rtn, nf4 and fp4, not {quant['method']!r}")
     lm_head, res = quant.get("lm_head", False), {}
@@ -347,3 +348,19 @@ def mechanism(theta_o, theta_u, quant):
         r["moved"], r["same"] = r["moved"] / r["n"], r["same"] / r["n"]
         r["kept"] = r["kept"] / r.pop("norm") if r["moved"] else float("nan")
     return dict(bins=list(RATIO_BINS), layers=res, all=tot)
+
+
+@torch.no_grad()
+def update_kept(theta_o, theta_u, q_o, q_u, lm_head=False):
+    """mechanism's `kept` for any quantizer, read off the quantized models themselves: ⟨Q(θ_u) − Q(θ_o), δ⟩ / ⟨δ, δ⟩
+    pooled over the quantized matrices, δ = θ_u − θ_o, with Q(θ) the model q_* that the quantizer made of θ (GPTQ
+    and AWQ each calibrated through its own model, as a user would quantize it). 1 when Q is the identity, 0 when
+    the two quantized models are the same; `moved` is the share of weights with δ ≠ 0."""
+    layers = [Q.quantized_layers(m, lm_head) for m in (theta_o, theta_u, q_o, q_u)]
+    num = den = moved = n = 0
+    for name in layers[0]:
+        w_o, w_u, r_o, r_u = (Q.weight_view(ls[name]).double() for ls in layers)
+        delta = w_u - w_o
+        num, den = num + ((r_u - r_o) * delta).sum().item(), den + (delta * delta).sum().item()
+        moved, n = moved + int((delta != 0).sum()), n + delta.numel()
+    return dict(kept=num / den if den else float("nan"), moved=moved / n)

@@ -37,7 +37,8 @@ class QuantConfig:
     actorder: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
     clip: bool = True  # awq: also search each group's clipping range (the reference's auto_clip, on by default there)
     lm_head: bool = False  # also quantize lm_head (tied to the token embedding, so that too)
-    nsamples: int = 128  # gptq, awq: calibration windows of block_size tokens from the general corpus
+    nsamples: int = 128  # gptq, awq: calibration windows of block_size tokens from the calibration text
+    calib: str = "general"  # gptq, awq: calibration text: general (held-in general corpus) | retain (the retain set)
     seed: int = 1337  # draws the calibration windows
     out_dir: str = "out"  # where checkpoints are read, and the quantized one written
     device: str = "auto"  # 'auto' = cuda if present, else cpu
@@ -46,6 +47,8 @@ class QuantConfig:
 
     def __post_init__(self):
         check_range(self, bits="2..8", group_size=">= 0", nsamples=">= 1")
+        if self.calib not in CALIBRATION:
+            raise ValueError(f"--calib {self.calib}: the calibration texts are {', '.join(CALIBRATION)}")
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method}: the methods are {', '.join(METHODS)}")
         if self.absmax and (not self.sym or self.method in CODEBOOKS):
@@ -53,21 +56,37 @@ class QuantConfig:
 
 
 def quant_name(cfg):
-    """e.g. rtn4, rtn4_g64_asym, gptq4_act, awq4_g128_asym, awq4_noclip, nf4; int8 for RTN on LLM.int8's grid."""
+    """e.g. rtn4, rtn4_g64_asym, gptq4_act, awq4_g128_asym, awq4_noclip, gptq4_retain, nf4; int8 for RTN on
+    LLM.int8's grid."""
     method = "int" if cfg.absmax and cfg.method == "rtn" else cfg.method + ("_absmax" if cfg.absmax else "")
     name = method + (str(cfg.bits) if cfg.method in ("rtn", "gptq", "awq") else "")
     return (name + (f"_g{cfg.group_size}" if cfg.group_size else "") + ("" if cfg.sym else "_asym")
             + ("_act" if cfg.actorder and cfg.method == "gptq" else "")
-            + ("_noclip" if not cfg.clip and cfg.method == "awq" else ""))
+            + ("_noclip" if not cfg.clip and cfg.method == "awq" else "")
+            + (f"_{cfg.calib}" if cfg.calib != "general" and cfg.method in CALIBRATED else ""))
+
+
+CALIBRATION = ("general", "retain")
+
+
+def calibration_text(data, calib):
+    """The token stream GPTQ's and AWQ's windows are drawn from: `general`, the general corpus's training part (the
+    quantizers' usual generic text, never scored); `retain`, the retain set's sequences end to end: text of the forget
+    set's own kind (facts are drawn by one generator for every split, data/prepare.py), so a quantizer calibrated on it
+    minimizes its output error where the forgotten text lives, yet never sees a forget sequence."""
+    if calib == "general":
+        return data.general_train
+    seqs = data.split("retain")
+    return torch.cat([x[:n] for x, n in zip(seqs.x, seqs.length.tolist())])
 
 
 def quantize_with(model, cfg, data):
-    """Quantizes a GPT in place with a QuantConfig: GPTQ and AWQ calibrated on data.general_train (never the forget
-    set); returns the records and the quant block, with the seconds it took and the mean relative output error on
-    held-out general text."""
+    """Quantizes a GPT in place with a QuantConfig: GPTQ and AWQ calibrated on cfg.calib's text (calibration_text;
+    never the forget set); returns the records and the quant block, with the seconds it took and the mean relative
+    output error on held-out general text."""
     T, windows = model.config.block_size, None
     if cfg.method in CALIBRATED:
-        windows = calibration_windows(data.general_train, cfg.nsamples, T, cfg.seed)
+        windows = calibration_windows(calibration_text(data, cfg.calib), cfg.nsamples, T, cfg.seed)
 
     def run():
         t0 = time.time()
@@ -75,7 +94,7 @@ def quantize_with(model, cfg, data):
                                cfg.sym, windows, cfg.actorder, cfg.absmax, cfg.clip), time.time() - t0
     heldout = calibration_windows(data.general_val, 32, T, cfg.seed)
     (records, seconds), err = output_error(model, quantized_layers(model, cfg.lm_head), heldout, run)
-    calibration = dict(source="general_train", nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
+    calibration = dict(source=cfg.calib, nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
     quant = dict(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, absmax=cfg.absmax,
                  actorder=cfg.actorder, clip=cfg.clip and cfg.method == "awq", lm_head=cfg.lm_head,
                  seconds=round(seconds, 2), rel_output_error=err,

@@ -240,6 +240,27 @@ def test_mechanism_on_identical_and_crafted_weights():
         metrics.mechanism(theta_o, theta_u, dict(RTN4, method="gptq"))
 
 
+def test_update_kept_reads_the_rounded_update_off_the_quantized_models():
+    theta_o, gen = tiny_gpt(), torch.Generator().manual_seed(1)
+    theta_u = copy.deepcopy(theta_o)
+    with torch.no_grad():
+        for layer in block_linears(theta_u).values():
+            layer.weight += 0.01 * torch.randn(layer.weight.shape, generator=gen)
+    assert metrics.update_kept(theta_o, theta_u, theta_o, theta_u) == dict(kept=1.0, moved=1.0)  # Q = identity
+    assert metrics.update_kept(theta_o, theta_u, theta_o, theta_o)["kept"] == 0.0  # Q(θ_u) = Q(θ_o)
+    half = copy.deepcopy(theta_o)  # Q(θ_u) = θ_o + δ/2 everywhere: half the update survives
+    with torch.no_grad():
+        for name, layer in block_linears(half).items():
+            layer.weight += 0.5 * (block_linears(theta_u)[name].weight - layer.weight)
+    assert metrics.update_kept(theta_o, theta_u, theta_o, half)["kept"] == pytest.approx(0.5)
+    q_o, q_u = (copy.deepcopy(m) for m in (theta_o, theta_u))  # RTN: the same number as the mechanism's
+    for q in (q_o, q_u):
+        for layer in block_linears(q).values():
+            layer.weight.data = metrics.rounded(layer.weight.data, RTN4)
+    assert metrics.update_kept(theta_o, theta_u, q_o, q_u)["kept"] == pytest.approx(
+        metrics.mechanism(theta_o, theta_u, RTN4)["all"]["kept"], rel=1e-6)
+
+
 def test_damage_matched_is_the_most_damaging_precision_that_keeps_the_papers_share():
     scores = {"full": 100.0, "int8": 99.9, "rtn6": 88.0, "rtn5": 80.0, "rtn4": 40.0}
     assert metrics.damage_matched(scores) == "rtn6"  # 88 >= 85.47; rtn5's 80 is below it

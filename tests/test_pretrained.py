@@ -134,7 +134,8 @@ def test_hf_base_runs_the_whole_study(hf_study):
     assert set(rows) == {(m, p) for m in ("target", "retrain", "ga_gdr", "npo_klr") for p in precs}
     for (m, p), r in rows.items():
         assert 0 <= r["verbmem_forget"] <= 100 and r["holdout_ppl"] > 1 and 0 <= r["knowmem_forget"] <= 100
-        assert ("mech_kept" in r) == (m in ("ga_gdr", "npo_klr") and p in ("rtn6", "rtn4")), (m, p)
+        assert ("mech_kept" in r) == (m in ("ga_gdr", "npo_klr") and p != "full"), (m, p)  # gptq's from Q(θ_o)
+        assert ("mech_same" in r) == (m in ("ga_gdr", "npo_klr") and p in ("rtn6", "rtn4")), (m, p)  # grids only
         assert r["quant_error"] > 0 if p != "full" else "quant_error" not in r
         if p == "rtn6":  # two more bits: a quarter of the grid spacing, a smaller output error
             assert r["quant_error"] < rows[m, "rtn4"]["quant_error"] / 2, m

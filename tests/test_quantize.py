@@ -260,8 +260,27 @@ def test_gptq_beats_rtn_on_every_layer_of_the_tiny_target_on_real_text(tiny):
         err = lambda Wq: torch.trace((W - Wq) @ H @ (W - Wq).T)  # = 2‖(W - Q)X‖²/n
         assert err(Q.quantize_weight(W, "gptq", 4, H=H)[0]) < err(Q.quantize_weight(W, "rtn", 4)[0]), name
     _, quant = QC.quantize_with(gpt, QC.QuantConfig(method="gptq", nsamples=8, seed=3), data)
-    assert quant["calibration"] == dict(source="general_train", nsamples=8, tokens=gpt.config.block_size, seed=3)
+    assert quant["calibration"] == dict(source="general", nsamples=8, tokens=gpt.config.block_size, seed=3)
     assert 0 < quant["rel_output_error"] < 0.05
+
+
+def test_calibration_on_the_retain_set_draws_its_windows_from_the_retain_sequences_only(tiny):
+    model, ckpt = M.load_checkpoint(tiny.out_dir / "target.pt")
+    data = load_data(ckpt["data"], tiny.out_dir)
+    stream = QC.calibration_text(data, "retain")
+    seqs = data.split("retain")
+    n0 = int(seqs.length[0])
+    assert len(stream) == int(seqs.length.sum()) and torch.equal(stream[:n0], seqs.x[0, :n0])
+    assert QC.calibration_text(data, "general") is data.general_train
+    cfg = QC.QuantConfig(method="gptq", nsamples=4, calib="retain", seed=3)
+    assert QC.quant_name(cfg) == "gptq4_retain" and QC.quant_name(QC.QuantConfig(calib="retain")) == "rtn4"
+    windows = Q.calibration_windows(stream, 4, model.config.block_size, 3)
+    retain_ids = set(stream.tolist())
+    assert all(set(w.tolist()) <= retain_ids for w in windows)
+    _, quant = QC.quantize_with(model, cfg, data)
+    assert quant["calibration"]["source"] == "retain" and 0 < quant["rel_output_error"] < 0.05
+    with pytest.raises(ValueError, match="calib"):
+        QC.QuantConfig(calib="forget")
 
 
 def test_cli_quantizes_the_newest_unlearned_model_and_compares_with_the_target(tiny, tmp_path, capsys):
@@ -400,7 +419,7 @@ def test_cli_quantizes_the_tiny_target_with_awq(tiny, tmp_path, capsys):
     model, ckpt = Q.load_quantized(tmp_path / "target_awq4.pt")
     quant = ckpt["quant"]
     assert quant["method"] == "awq" and quant["clip"] and quant["sym"] and quant["group_size"] == 0
-    assert quant["calibration"] == dict(source="general_train", nsamples=16, tokens=model.config.block_size, seed=3)
+    assert quant["calibration"] == dict(source="general", nsamples=16, tokens=model.config.block_size, seed=3)
     assert 0 < quant["rel_output_error"] < 0.05
     assert all("awq_scale" in r for r in ckpt["qweights"].values())
     assert QC.quant_name(QC.QuantConfig(method="awq", group_size=128, sym=False, clip=False)) == "awq4_g128_asym_noclip"
