@@ -2,6 +2,7 @@
 import csv
 import itertools
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -46,12 +47,32 @@ def test_study_writes_every_key_and_the_figures(study, tmp_path):
     with open(study.out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 10 and set(ROW_KEYS) <= set(table[0])
+    for m in ("ga", "npo", "ga_gdr"):  # recovered at full precision is 0 where there is a gap to read
+        share = rows[m, "full"]["recovered_verbmem_forget"]
+        assert share == 0.0 or math.isnan(share)
+    assert set(res["per_sequence"]) == set(PRECS[1:]) and list(res["per_sequence"]["rtn4"]) == ["ga_gdr"]
+    groups = res["per_sequence"]["rtn4"]["ga_gdr"]
+    assert sorted(sum((g["seqs"] for g in groups.values()), [])) == list(range(16))  # each sequence in one group
+    assert groups["stayed"]["n"] == sum(a and b for a, b in zip(rows["ga_gdr", "full"]["forget_exact_seq"],
+                                                                rows["ga_gdr", "rtn4"]["forget_exact_seq"]))
     pngs = sorted(study.fig.glob("*.png"))
     assert [p.name[0] for p in pngs] == list("12345")
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(p).shape[0] > 100
     # the figures are drawn from results.json alone
     assert [p.read_bytes() for p in figures.figures(res, tmp_path)] == [p.read_bytes() for p in pngs]
+
+
+def test_per_sequence_groups_by_hand():
+    row = lambda m, p, exact, ma: dict(model=m, precision=p, forget_exact_seq=exact, forget_ma_seq=ma)
+    rows = [row("target", "full", [1, 1, 1, 1], [1.0, 0.9, 0.8, 0.7]), row("target", "rtn4", [1, 1, 1, 1], [1.0] * 4),
+            row("ga_gdr", "full", [0, 1, 0, 1], [.2, .9, .4, .8]),
+            row("ga_gdr", "rtn4", [1, 1, 0, 0], [.9, .9, .4, .1])]
+    g = ev.per_sequence(rows, ["full", "rtn4"])["rtn4"]["ga_gdr"]
+    assert {k: v["seqs"] for k, v in g.items()} == dict(came_back=[0], stayed=[1], forgotten=[2], lost=[3])
+    assert g["came_back"]["target_ma"] == 1.0 and g["came_back"]["unlearned_ma"] == pytest.approx(0.2)
+    pooled = ev.pooled_sequences([dict(per_sequence={"rtn4": {"ga_gdr": g}})] * 2)["rtn4"]["ga_gdr"]
+    assert pooled["came_back"] == dict(n=2, target_ma=1.0, unlearned_ma=pytest.approx(0.2))
 
 
 def test_law_points_by_hand():

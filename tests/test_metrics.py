@@ -60,6 +60,15 @@ def test_ngram_overlap_and_ranked_extraction():
     assert metrics.ranked_extraction([-10.0, -5.0, -20.0], [10, 10, 10], [True, False, True], k=2) == 0.5
 
 
+def test_recovered_share_by_hand():
+    # unlearned 20 at full precision, the target 80 after quantization: back to 50 is half the gap (50), to 80 all of
+    # it (100), staying at 20 none, going below 20 negative; no gap, or one under 10% of the target's 80, no share
+    assert metrics.recovered_share(50.0, 20.0, 80.0) == pytest.approx(50.0)
+    assert metrics.recovered_share(80.0, 20.0, 80.0) == pytest.approx(100.0)
+    assert metrics.recovered_share(20.0, 20.0, 80.0) == 0.0 and metrics.recovered_share(14.0, 20.0, 80.0) == -10.0
+    assert math.isnan(metrics.recovered_share(30.0, 90.0, 80.0)) and math.isnan(metrics.recovered_share(76, 75, 80))
+
+
 def test_excess_retained_by_hand():
     # target 90, retrain 40 at the same precision: an unlearned 40 is as clean as retrain (0), 65 keeps half
     # the target's excess (50), 90 all of it (100); below retrain goes negative; no excess, no share
