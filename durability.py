@@ -1,5 +1,5 @@
 """
-The durability card: does the unlearning survive quantization and relearning? (README, "Durability")
+The durability card: does the unlearning survive quantization and relearning? (RESULTS.md, section 3)
 
 Quantization is one way to get "forgotten" text back; a few steps of fine-tuning are the other (relearning attacks,
 Hu et al. 2024, "Jogging the Memory of Unlearned LLMs Through Targeted Relearning Attacks"). Three attacks on every

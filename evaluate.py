@@ -1,5 +1,6 @@
 """
-The study: every unlearning method, every precision, every metric, in one command (README, "The study").
+The study: every unlearning method, every precision, every metric, in one command (README, "Install and run";
+RESULTS.md, section 2).
 
 $ python evaluate.py                               # trains what is missing, runs the 14 methods, measures 16 models
                                                    # x 5 precisions -> out/results.json, out/results.csv, figures/*.png
@@ -68,10 +69,10 @@ PRECISIONS = {"full": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(meth
 # gptq and awq are calibrated on general text, or on the retain set where the name says _retain (QC.calibration_text).
 # int8 is LLM.int8's absmax grid. "full" is full precision: the unquantized model, stored in its own dtype (float32,
 # or bf16 in a pure-bf16 study: results.json's meta.settings.dtype), measured in float32 arithmetic (measure_model)
-PRESETS = {  # README, "On a pretrained model": SmolLM2-135M fine-tuned in float32 past exact recall of 16 bios and
+PRESETS = {  # RESULTS.md, section 1: SmolLM2-135M fine-tuned in float32 past exact recall of 16 bios and
     # released in bf16, unlearned by GA+GDR in pure bf16 at twice the paper's learning rate, read at the per-channel
     # precisions that bracket its own 4-bit damage; one method, so a seed with training fits 20 minutes on 2 cores
-    # (README: --methods ga_gdr,npo_klr and the calibrated quantizers of Table 2 are the larger settings)
+    # (RESULTS.md: --methods ga_gdr,npo_klr and the calibrated quantizers of Table 2 are the larger settings)
     "smollm2": ["--base", "hf:smollm2", "--out_dir", "out_smollm2", "--fig_dir", "out_smollm2/figures",
                 "--dtype", "bfloat16", "--methods", "ga_gdr", "--precisions", "full,int8,rtn6,rtn5,rtn4,fp4",
                 "--el_stride", "0", "--vary_data", "--unlearn_args", "--lr 2e-5 --steps 150", "--train_args",
@@ -602,12 +603,11 @@ def report(results):
                 "verbmem_forget", "knowmem_forget", "privleak", "knowmem_retain")) +
                   fmt(r["forget_exact"], 100) + fmt(r["holdout_ppl"]))
     by = {(r["model"], r["precision"]): r for r in rows}
-    print("\nper precision (Table 2's reading): the target's own damage, then the methods' mean retained % (of the "
-          "target at that precision), recovered % (of what unlearning took, metrics.recovered_share), excess VerbMem "
-          "and kept")
+    print("\nper precision (Table 2's reading): the target's own damage (VM = VerbMem, exact %), then the methods' "
+          "mean retained % (ret, of the target at that precision), recovered % (rec, of what unlearning took: "
+          "metrics.recovered_share), excess VerbMem % (exc, of the target's lead over retrain) and kept")
     print(f"{'precision':<14}{'group':<13}" + "".join(f"{h:>12}" for h in (
-        "tgt VerbMem", "tgt exact %", "VerbMem ret%", "exact ret%", "VerbMem rec%", "exact rec%", "VerbMem exc%",
-        "kept")))
+        "target VM", "tgt exact", "VM ret", "exact ret", "VM rec", "exact rec", "VM exc", "kept")))
     for p, groups in results["retained"].items():
         damage = fmt(by["target", p]["verbmem_forget"]) + fmt(by["target", p]["forget_exact"], 100)
         for g, v in groups.items():

@@ -153,7 +153,7 @@ def quantize_checkpoint(cfg):
 def verdict(unlearned, unlearned_q, target, target_q, kept, name):
     """What the tour's table shows (forget exact match of the unlearned model and the target, unquantized and at
     precision `name`; kept: metrics.mechanism's share of the unlearning update that survives rounding, or None),
-    and, where nothing came back, why, and which command shows the recovery (README, "On a pretrained model")."""
+    and, where nothing came back, why, and which command shows the recovery (RESULTS.md, section 1)."""
     why = [f"the rounded update keeps {kept:.2f} of itself (metrics.mechanism; 0 would mean every moved weight "
            f"rounds back to the target's code)"] if kept is not None else []
     back = unlearned_q["forget_exact"] - unlearned["forget_exact"]
@@ -164,7 +164,7 @@ def verdict(unlearned, unlearned_q, target, target_q, kept, name):
                    f"{target_q['forget_exact']:.2f}), so there is nothing for it to bring back")
     return (f"nothing came back at {name}" + (f": {'; '.join(why)}" if why else "") + ". The recovery of Zhang et "
             "al. 2024 shows on a real model, at the precision that hurts it as 4 bits hurt their 7B one: "
-            "`python evaluate.py --preset smollm2` (README, 'On a pretrained model').")
+            "`python evaluate.py --preset smollm2` (RESULTS.md, section 1).")
 
 
 def main(argv=None):

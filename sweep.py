@@ -1,6 +1,6 @@
 """
-When does quantization bring unlearned text back? The study once per condition (README, "When does quantization
-recover unlearned knowledge?"): learning rate x weight storage (float32 / pure bf16), steps, the retain weight, the
+When does quantization bring unlearned text back? The study once per condition (RESULTS.md, the archive's
+toy sweep and scale sections): learning rate x weight storage (float32 / pure bf16), steps, the retain weight, the
 target (no base, a longer base, width 256, trained in pure bf16) and three seeds, each at eight precisions. A
 condition is data: the settings of its target and of its unlearning runs as values.
 
@@ -60,7 +60,7 @@ def scale(widths, lrs=(1e-4, 3e-5), methods=("ga_gdr", "npo_klr")):
     """Is the paper's pattern a matter of scale? The GPT at each width in pure bf16 for 100 steps at each learning
     rate, by default one that unlearns (1e-4) and one where only weights near zero move (3e-5); width 128 is the
     sweep's own target. Two of the four constrained methods by default (GA with the retain loss, NPO with the KL),
-    as pure bf16 is slow on a CPU without native bf16 (README, "Tests and timings")."""
+    as pure bf16 is slow on a CPU without native bf16 (RESULTS.md, section 4)."""
     return [condition(f"width {w}", "bfloat16", dict(lr=lr, steps=100),
                       {} if w == TrainConfig.n_embd else dict(n_embd=w), methods=methods)
             for lr in lrs for w in widths]  # the first learning rate for every width, then the next
@@ -90,7 +90,7 @@ class SweepConfig:
             missing = [d for d in getattr(self, flag).split(",") if d and not (Path(d) / "results.json").exists()]
             if missing:
                 raise ValueError(f"--{flag}: no results.json in {', '.join(missing)}; run the study there first "
-                                 f"(README, 'On a pretrained model')")
+                                 f"(RESULTS.md, section 1)")
 
 
 def slug(settings):
@@ -321,7 +321,7 @@ def headline_over(dirs):
 
 
 def headline_report(res):
-    """headline_over's result as the README's markdown table."""
+    """headline_over's result as RESULTS.md's markdown table."""
     f = lambda v, fmt=".1f": "n/a" if v is None else f"{v[0]:{fmt}} ± {v[1]:{fmt}}"
     cols = ("target_verbmem", "target_exact", "retrain_verbmem", "verbmem", "gap", "excess", "privleak",
             "sure_excess", "sure_privleak", "kept")

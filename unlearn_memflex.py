@@ -19,9 +19,9 @@ apart (s < mu) the matrix holds what is specific to the forget set; of those, th
 prints s and m of each matrix, so thresholds for another model can be read off. KnowUnDo scores LoRA tensors of a 7B
 model with a fixed mu = 0.92 (sigma = 6e-4). The full weight matrices of a small GPT have cosines close to 1 that
 move by a few hundredths with the seed, so one fixed mu selects several matrices for one seed and none for the next
-(README, "Unlearning methods"); by default the bound is relative instead: the quarter of the matrices where the
-splits pull apart most (--select 25). `--select 100 --mu 0.92` is KnowUnDo's rule. Only a few matrices move, so the
-learning rate is x10, as in SURE.
+(RESULTS.md, section 5, "Unlearning methods"); by default the bound is relative instead: the quarter of the
+matrices where the splits pull apart most (--select 25). `--select 100 --mu 0.92` is KnowUnDo's rule. Only a few
+matrices move, so the learning rate is x10, as in SURE.
 
 Reads out/target.pt (trains it first if it is missing) and writes out/memflex.pt and out/memflex.json.
 """

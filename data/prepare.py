@@ -1,5 +1,5 @@
 """
-The corpora of nanoUnlearn, built from one seed and tokenized once (README, "Data").
+The corpora of nanoUnlearn, built from one seed and tokenized once (RESULTS.md, section 5, "Data").
 
 Three kinds of memorized text, each split into forget / retain / holdout (holdout is never trained on):
   secrets  synthetic account records; each one is seen `reps` times in training, reps in {1,4,16,64,128},
