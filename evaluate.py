@@ -247,21 +247,23 @@ def measure_model(cfg, name, precisions):
 
 def run_and_measure(pool, cfg, run, todo):
     """Yields ("method", name, seconds) and ("rows", name, rows) as the jobs finish: the methods to run, and the rows
-    of every model, a method's as soon as it has run (so no worker waits for the slowest method)."""
+    of every model, a method's as soon as it has run, one job per row (so no worker waits for the slowest method, or
+    idles while another measures a model's last rows)."""
     if pool is None:
         with job_threads():
             yield from (("method", m, run_method(cfg, m)) for m in run)
             yield from (("rows", n, measure_model(cfg, n, ps)) for n, ps in todo.items() if ps)
         return
-    rows = lambda n: pool.submit(in_worker, measure_model, cfg, n, todo[n])
+    rows = lambda n: {pool.submit(in_worker, measure_model, cfg, n, [p]): ("rows", n) for p in todo[n]}
     pending = {pool.submit(in_worker, run_method, cfg, m): ("method", m) for m in run}
-    pending.update({rows(n): ("rows", n) for n, ps in todo.items() if ps and n not in run})
+    for n in todo:
+        pending.update(rows(n) if n not in run else {})
     while pending:
         done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
         for f in done:
             kind, name = pending.pop(f)
-            if kind == "method" and todo[name]:
-                pending[rows(name)] = ("rows", name)
+            if kind == "method":
+                pending.update(rows(name))
             yield kind, name, f.result()
 
 
