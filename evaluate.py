@@ -592,7 +592,7 @@ def report(results):
     shown = ["full"] + [p for p in precs if p.endswith("4")][:1] + ([matched] if isinstance(matched, str) else [])
 
     def fmt(v, scale=1, digits=1):
-        if v is None:
+        if v is None or isinstance(v, list) and None in v:  # not read (nan; over seeds, nan at some seed)
             return f"{'n/a':>12}"
         return f"{scale * v[0]:7.{digits}f} ±{scale * v[1]:4.{digits}f}" if isinstance(v, list) else \
             f"{scale * v:12.{digits}f}"
