@@ -63,6 +63,14 @@ def test_study_writes_every_key_and_the_figures(study, tmp_path):
     assert [p.read_bytes() for p in figures.figures(res, tmp_path)] == [p.read_bytes() for p in pngs]
 
 
+def test_report_prints_n_a_for_what_a_seed_could_not_read(study, capsys):
+    res = json.loads(json.dumps(study.results))
+    res["retained"]["rtn4"]["constrained"]["recovered_verbmem_forget"] = [None, None]  # nan at one seed, over seeds
+    ev.report(res)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("rtn4") and "constrained" in ln][0]
+    assert "n/a" in line
+
+
 def test_per_sequence_groups_by_hand():
     row = lambda m, p, exact, ma: dict(model=m, precision=p, forget_exact_seq=exact, forget_ma_seq=ma)
     rows = [row("target", "full", [1, 1, 1, 1], [1.0, 0.9, 0.8, 0.7]), row("target", "rtn4", [1, 1, 1, 1], [1.0] * 4),
