@@ -157,12 +157,10 @@ def excess_retained(metric_unlearned, metric_target, metric_retrain, floor=EXCES
 
 def recovered_share(metric_quantized, metric_full, metric_target_quantized, floor=EXCESS_FLOOR):
     """The share of what unlearning took that quantization gave back, against the target quantized the same way:
-    (m(Q(θ_u)) − m(θ_u)) / (m(Q(θ_o)) − m(θ_u)) × 100 (the third-party rerun of Zhang et al. 2024's Table 2 reports
-    it: 90% for RTN, 8% for GPTQ). 0 = nothing came back, 100 = the unlearned model reads as the quantized target.
-    nan unless the gap is positive and at least floor × m(Q(θ_o)) (a share of a small gap is noise)."""
-    gap = metric_target_quantized - metric_full
-    return float("nan") if gap <= 0 or gap < floor * abs(metric_target_quantized) else (
-        (metric_quantized - metric_full) / gap * 100)
+    (m(Q(θ_u)) − m(θ_u)) / (m(Q(θ_o)) − m(θ_u)) × 100. 0 = nothing came back, 100 = the unlearned model reads as the
+    quantized target. It is excess_retained with the unlearned model at full precision in the retrain model's place,
+    so it is nan on the same terms: unless the gap is positive and at least floor × m(Q(θ_o))."""
+    return excess_retained(metric_quantized, metric_target_quantized, metric_full, floor)
 
 
 def predicted_retained(retained_fp, kept, scale=1.0):

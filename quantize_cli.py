@@ -77,7 +77,7 @@ def calibration_text(data, calib):
     if calib == "general":
         return data.general_train
     seqs = data.split("retain")
-    return torch.cat([x[:n] for x, n in zip(seqs.x, seqs.length.tolist())])
+    return seqs.x[seqs.mask]  # row by row: the sequences end to end, without their padding
 
 
 def quantize_with(model, cfg, data):
