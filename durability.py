@@ -36,7 +36,8 @@ import torch
 import metrics
 import model as M
 from data.prepare import DataConfig, load_data
-from settings import check_range, environment
+from settings import check_range, digest, environment, write_json
+from train import adamw, bf16_native, compute_dtype
 from unlearn import ce_loss
 
 ATTACKS = ("forget_half", "retain", "general")
@@ -131,13 +132,13 @@ def measure_half(model, data, seqs):
 
 
 def relearn(model, data, attack, cfg, seed, dtype=torch.float32):
-    """One attack on a copy of the model, its weights stored in dtype (model.adamw): {k: the metrics of the measured
+    """One attack on a copy of the model, its weights stored in dtype (train.adamw): {k: the metrics of the measured
     half after k steps} for k in schedule."""
     attack_half, measured = halves(data, seed)
     ks = schedule(epoch_size(attack, data, attack_half), cfg.relearn_batch)
     steps = attack_epoch(attack, data, attack_half, cfg.relearn_batch, torch.Generator().manual_seed(seed))
     m = copy.deepcopy(model).train()
-    opt = M.adamw(m.parameters(), dtype, lr=cfg.relearn_lr, weight_decay=0.0)
+    opt = adamw(m.parameters(), dtype, lr=cfg.relearn_lr, weight_decay=0.0)
     curve = {0: measure_half(m.eval(), data, measured)}
     for step, loss_of in enumerate(steps, 1):
         loss = loss_of(m.train())
@@ -155,9 +156,9 @@ def relearn_model(cfg, rcfg, name):
     seed; {attack: curve}. Cached in out_dir/relearn/<name>.json under the hash of the checkpoint, the settings and
     the environment (settings.environment)."""
     out, dev = Path(cfg.out_dir), M.pick_device(cfg.device)
-    key = dict(model=M.digest(out / f"{name}.pt"), settings=asdict(rcfg), seed=cfg.seed, dtype=cfg.dtype,
+    key = dict(model=digest(out / f"{name}.pt"), settings=asdict(rcfg), seed=cfg.seed, dtype=cfg.dtype,
                environment=environment(dev, cfg.base, torch.get_num_threads(),
-                                       M.bf16_native(dev) if cfg.dtype == "bfloat16" else None))
+                                       bf16_native(dev) if cfg.dtype == "bfloat16" else None))
     path = out / "relearn" / f"{name}.json"
     if path.exists() and not cfg.force:
         cached = json.loads(path.read_text())
@@ -167,9 +168,9 @@ def relearn_model(cfg, rcfg, name):
     model, ckpt = M.load_checkpoint(out / f"{name}.pt", dev)
     data = load_data(DataConfig(**ckpt["data"]), out)
     dtype = M.weight_dtype(cfg.dtype)
-    model = M.to_dtype(model, M.compute_dtype(dtype, dev))
+    model = M.to_dtype(model, compute_dtype(dtype, dev))
     curves = {a: relearn(model, data, a, rcfg, cfg.seed, dtype) for a in ATTACKS}
-    M.write_json(path, dict(key=key, curves=curves, seconds=round(time.time() - t, 2)))
+    write_json(path, dict(key=key, curves=curves, seconds=round(time.time() - t, 2)))
     return json.loads(path.read_text())["curves"]  # as read back: k as a string, the same as from the cache
 
 

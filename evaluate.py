@@ -10,9 +10,9 @@ $ python evaluate.py --dtype bfloat16 --unlearn_args "--lr 1e-4 --steps 100"   #
 $ python evaluate.py --seeds 1337,1338,1339        # the study at three seeds -> out/seeds.json, mean ± sd
 $ python evaluate.py --base hf:DIR --train_args "--tune_lr 1e-4" --out_dir out_hf   # a local Hugging Face causal LM
                                                    # as the base of it all (train.py; hf:smollm2 for SmolLM2-135M)
-$ python evaluate.py --preset smollm2 --seeds 1337,1338,1339   # the real-model study (PRESETS), each seed its own data
+$ python evaluate.py config/smollm2.py --seeds 1337,1338,1339   # the real-model study (config/), each seed its data
 
-base/target/retrain are trained only when missing (`python model.py --force` retrains them; models on disk trained
+base/target/retrain are trained only when missing (`python train.py --force` retrains them; models on disk trained
 with other values of the settings --train_args names, or from another --base, are refused). The rest is keyed on
 content, not on timestamps: a method runs again when its checkpoint is missing, or when out/runs/<method>.json, the
 record of the run that made it, names other resolved settings (every default filled in), another environment
@@ -21,7 +21,7 @@ checkpoint (a hash of each); each (model, precision) row is cached in out/rows/ 
 target's hashes, the settings and the environment. Quantized models live in memory only. Methods and rows run in
 worker processes (--workers); SIGTERM or Ctrl-C stops them, and what had finished stays cached. Logs of training and
 unlearning: out/logs/. The metrics themselves are in metrics.py, the figures in figures.py, and the sweep over
-learning rates, dtypes and quantizers in sweep.py.
+learning rates, dtypes and quantizers in study/sweep.py.
 """
 import concurrent.futures
 import contextlib
@@ -43,21 +43,20 @@ from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import durability
 import figures
 import metrics
 import model as M
-import quantize_cli as QC
+import quantize as QC
 import train as T
 from data.prepare import DataConfig, load_data
-from settings import check_range, cli, cpu_name, environment
+from settings import JOB_THREADS, Progress, atomic_write_bytes, check_range, cli, digest, environment, in_worker, \
+    job_threads, jobs, machine, start_worker, stop_workers, write_json
+from report import mean_sd, per_sequence, pooled_sequences, relative, report
 from unlearn import METHODS
 
-CONSTRAINED = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")  # the utility-constrained methods of the 21% -> 83%
-SURE = tuple(m + "_sure" for m in CONSTRAINED)  # the same with SURE, the paper's fix, averaged on their own
 PRECISIONS = {"full": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(method=m, bits=b, **kw) for m, b, kw in (
     ("rtn", 8, dict(absmax=True)), ("rtn", 4, {}), ("gptq", 4, {}), ("nf4", 4, {}), ("fp4", 4, {}),
     ("rtn", 8, {}), ("rtn", 6, {}), ("rtn", 5, {}), ("gptq", 6, {}), ("awq", 4, {}), ("awq", 6, {}),
@@ -69,17 +68,6 @@ PRECISIONS = {"full": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(meth
 # gptq and awq are calibrated on general text, or on the retain set where the name says _retain (QC.calibration_text).
 # int8 is LLM.int8's absmax grid. "full" is full precision: the unquantized model, stored in its own dtype (float32,
 # or bf16 in a pure-bf16 study: results.json's meta.settings.dtype), measured in float32 arithmetic (measure_model)
-PRESETS = {  # RESULTS.md, section 1: SmolLM2-135M fine-tuned in float32 past exact recall of 16 bios and
-    # released in bf16, unlearned by GA+GDR in pure bf16 at twice the paper's learning rate, read at the per-channel
-    # precisions that bracket its own 4-bit damage; one method, yet a seed with training took 31 minutes on 2 cores
-    # with native bf16 (RESULTS.md, 1a), over the 20-minute aim; --methods ga_gdr,npo_klr and Table 2's calibrated
-    # quantizers are the larger settings
-    "smollm2": ["--base", "hf:smollm2", "--out_dir", "out_smollm2", "--fig_dir", "out_smollm2/figures",
-                "--dtype", "bfloat16", "--methods", "ga_gdr", "--precisions", "full,int8,rtn6,rtn5,rtn4,fp4",
-                "--el_stride", "0", "--vary_data", "--unlearn_args", "--lr 2e-5 --steps 150", "--train_args",
-                "--n_facts 4 --n_book 0 --n_secrets 0 --mem_reps 32 --tune_lr 1e-4 --save_dtype bfloat16"],
-}
-RETAINED = ("verbmem_forget", "knowmem_forget", "forget_exact")  # retained % is reported for these
 PACKAGES = ("torch", "numpy", "tiktoken", "matplotlib")  # their versions go into results.json
 
 
@@ -89,7 +77,7 @@ class StudyConfig:
     fig_dir: str = "figures"  # where the figures go
     methods: str = ",".join(METHODS)  # comma list of the unlearning methods to run (when missing) and measure
     precisions: str = "full,int8,rtn4,gptq4,nf4"  # comma list: full (unquantized, always in), int8, rtn4, nf4, ...
-    force: bool = False  # rerun every method and re-measure every row (`python model.py --force` retrains the models)
+    force: bool = False  # rerun every method and re-measure every row (`python train.py --force` retrains the models)
     seed: int = 1337  # training, unlearning, and GPTQ's calibration windows
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     workers: int = 0  # processes running methods and measurements side by side; 0 = one per CPU core up to 4
@@ -102,7 +90,6 @@ class StudyConfig:
     base: str = ""  # '' = the GPT of model.py; hf:DIR = a local Hugging Face causal LM as the base (train.py --base)
     train_args: str = ""  # more settings of train.py and data/prepare.py, e.g. "--tune_lr 1e-4 --n_facts 5"
     vary_data: bool = False  # with --seeds: each seed draws its own data as well (data/prepare.py's --data_seed)
-    preset: str = ""  # a named study (PRESETS): its settings, then the command line's own, which win
 
     def __post_init__(self):
         check_range(self, workers=">= 0", el_stride=">= 0", top_k=">= 1")
@@ -144,7 +131,7 @@ def resolved(cfg, name):
 def env(cfg):
     """The environment (settings.environment) of the study's jobs."""
     dev = M.pick_device(cfg.device)
-    return environment(dev, cfg.base, JOB_THREADS, M.bf16_native(dev) if cfg.dtype == "bfloat16" else None)
+    return environment(dev, cfg.base, JOB_THREADS, T.bf16_native(dev) if cfg.dtype == "bfloat16" else None)
 
 
 def made(cfg, name):
@@ -156,8 +143,8 @@ def made(cfg, name):
         rec = json.loads((out / "runs" / f"{name}.json").read_text())
     except (OSError, ValueError):
         return None
-    now = dict(settings=resolved(cfg, name), environment=env(cfg), target=M.digest(out / "target.pt"),
-               result=M.digest(out / f"{name}.pt"))
+    now = dict(settings=resolved(cfg, name), environment=env(cfg), target=digest(out / "target.pt"),
+               result=digest(out / f"{name}.pt"))
     return rec if {k: rec.get(k) for k in now} == now else None
 
 
@@ -166,7 +153,7 @@ def run_method(cfg, name):
     out/runs/<name>.json and returns the seconds it took."""
     module, *argv = command(cfg, name)
     out, t = Path(cfg.out_dir), time.time()
-    log, target = out / "logs" / f"{name}.log", M.digest(out / "target.pt")
+    log, target = out / "logs" / f"{name}.log", digest(out / "target.pt")
 
     def run():
         print(shlex.join(["python", module, *argv]), flush=True)
@@ -175,9 +162,9 @@ def run_method(cfg, name):
         logged(log, run)
     except SystemExit as e:
         raise SystemExit(f"{name} (python {module}.py {shlex.join(argv)}) failed: {e}\nits log: {log}") from None
-    M.write_json(out / "runs" / f"{name}.json", dict(command=[module, *argv], settings=resolved(cfg, name),
+    write_json(out / "runs" / f"{name}.json", dict(command=[module, *argv], settings=resolved(cfg, name),
                                                      environment=env(cfg), target=target,
-                                                     result=M.digest(out / f"{name}.pt")))
+                                                     result=digest(out / f"{name}.pt")))
     return time.time() - t
 
 
@@ -195,7 +182,7 @@ def row_key(cfg, name, prec):
     the environment."""
     out = Path(cfg.out_dir)
     quant = PRECISIONS[prec] and asdict(replace(PRECISIONS[prec], seed=cfg.seed))
-    return dict(model=M.digest(out / f"{name}.pt"), target=M.digest(out / "target.pt"), quant=quant, dtype=cfg.dtype,
+    return dict(model=digest(out / f"{name}.pt"), target=digest(out / "target.pt"), quant=quant, dtype=cfg.dtype,
                 el_stride=cfg.el_stride, top_k=cfg.top_k, environment=env(cfg))
 
 
@@ -242,7 +229,7 @@ def measure_model(cfg, name, precisions):
                            for n, r in mech["layers"].items()})
         res.append(dict(key=row_key(cfg, name, p), row=plain(row),
                         seconds=dict(quantize=quant.get("seconds", 0.0), total=round(time.time() - t, 2))))
-        M.write_json(out / "rows" / f"{name}_{p}.json", res[-1])
+        write_json(out / "rows" / f"{name}_{p}.json", res[-1])
     return res
 
 
@@ -268,167 +255,6 @@ def run_and_measure(pool, cfg, run, todo):
             yield kind, name, f.result()
 
 
-JOB_THREADS = 1  # torch threads of every method run and measurement: the models are small, the workers share the
-# cores, and a thread count is part of a result (it changes the order of float sums)
-
-
-@contextlib.contextmanager
-def job_threads():
-    """Jobs run in this process (--workers 1) with JOB_THREADS torch threads, as in a worker."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(JOB_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def machine(device, workers):
-    """Where the numbers come from: the platform, the CPU's model and torch's kernel level for it (AVX2, AVX512,
-    ...: pure bf16 is native only on some), the device and the workers."""
-    return dict(platform=platform.platform(), cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                cpu_count=os.cpu_count(), device=device, workers=workers, job_threads=JOB_THREADS)
-
-
-class Stopped(BaseException):
-    """SIGTERM in a worker: unwinds the job it runs (atomic writes remove their temporary files), then it exits."""
-
-
-BUSY = []  # in a worker: non-empty while it runs a job
-
-
-def terminated(signum, frame):
-    if BUSY:
-        raise Stopped()
-    os._exit(143)
-
-
-def start_worker():
-    """A worker process: JOB_THREADS torch threads; SIGTERM ends its job cleanly (in_worker), then the process.
-    Ctrl-C is left to the study, which stops the workers."""
-    torch.set_num_threads(JOB_THREADS)
-    signal.signal(signal.SIGTERM, terminated)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def in_worker(fn, *args):
-    """fn(*args) in a worker; stopped by SIGTERM, the worker exits after fn's cleanup (concurrent.futures would send
-    the exception back and wait for the next job)."""
-    BUSY.append(fn)
-    try:
-        return fn(*args)
-    except Stopped:
-        os._exit(143)
-    finally:
-        BUSY.clear()
-
-
-def stop_workers(pool):
-    """Ends the workers of a study that is being stopped: each one unwinds its job and exits (start_worker)."""
-    for p in multiprocessing.active_children():
-        p.terminate()
-    pool.shutdown(cancel_futures=True)
-
-
-def jobs(pool, fn, args):
-    """Yields (args, fn(*args)) for each tuple of args, as the jobs finish in the pool (here, without one)."""
-    if pool is None:
-        with job_threads():
-            yield from ((a, fn(*a)) for a in args)
-        return
-    futures = {pool.submit(in_worker, fn, *a): a for a in args}
-    for f in concurrent.futures.as_completed(futures):
-        yield futures[f], f.result()
-
-
-class Progress:
-    """A line per finished stage: the time since the start, and what is left, estimated from the mean time of the
-    units of each kind done so far (before the first one, a guess from one CPU core at the default settings),
-    the methods and rows shared among the workers."""
-    GUESS = dict(train=300.0, method=10.0, row=2.0)
-
-    def __init__(self, workers, **todo):
-        self.t0, self.workers, self.todo, self.spent = time.time(), workers, todo, {k: [] for k in todo}
-
-    def done(self, kind, what, seconds, n=1):
-        self.todo[kind] = max(0, self.todo[kind] - n)
-        self.spent[kind] += [seconds / n] * n
-        each = {k: np.mean(v) if v else self.GUESS[k] for k, v in self.spent.items()}
-        left = sum(n * each[k] / (1 if k == "train" else self.workers) for k, n in self.todo.items())
-        print(f"[{time.time() - self.t0:5.0f}s] {what} ({seconds:.1f}s) | ~{left:.0f}s left", flush=True)
-        return round(seconds, 2)
-
-
-def relative(rows, precisions):
-    """Adds what compares models at the same precision p: PrivLeak against this run's retrain model at p (its AUC
-    moves with quantization too, so the unlearned model is held to the gold standard under the same rounding; the
-    paper's code hard-codes one full-precision AUC), retained % against the target at p, and retained % of the
-    target's excess over the retrain model at p (metrics.excess_retained, beside the gap it divides by, gap_*; not read
-    where the gap is under metrics.EXCESS_FLOOR of the target's metric). Returns both averaged over the
-    utility-constrained methods, and over their SURE versions, per precision. Also the share of what unlearning took
-    that came back at p (metrics.recovered_share, against the target at p), recovered_*, and the mean `kept`."""
-    by = {(r["model"], r["precision"]): r for r in rows}
-    for r in rows:
-        target, retrain = by["target", r["precision"]], by["retrain", r["precision"]]
-        r["privleak"] = metrics.privleak(r["mia_auc"], retrain["mia_auc"])
-        r.update({f"retained_{k}": metrics.retained_pct(r[k], target[k]) for k in RETAINED})
-        r.update({f"excess_{k}": metrics.excess_retained(r[k], target[k], retrain[k]) for k in RETAINED})
-        r.update({f"gap_{k}": target[k] - retrain[k] for k in RETAINED})  # what excess_* divides by
-        r.update({f"recovered_{k}": metrics.recovered_share(r[k], by[r["model"], "full"][k], target[k])
-                  for k in RETAINED})
-    mean = lambda v: torch.tensor(v, dtype=torch.float64).nanmean().item()
-    summary = {}
-    for p in precisions:
-        for group, members in (("constrained", CONSTRAINED), ("sure", SURE)):
-            rs = [by[m, p] for m in members if (m, p) in by]
-            if rs:
-                summary.setdefault(p, {})[group] = dict(
-                    methods=[r["model"] for r in rs], **{k: mean([r[f"retained_{k}"] for r in rs]) for k in RETAINED},
-                    **{f"{d}_{k}": mean([r[f"{d}_{k}"] for r in rs]) for d in ("excess", "recovered")
-                       for k in RETAINED},
-                    kept=mean([r.get("mech_kept", float("nan")) for r in rs]))
-    return summary
-
-
-SEQ_GROUPS = {(0, 1): "came_back", (1, 1): "stayed", (0, 0): "forgotten", (1, 0): "lost"}  # (extracted at full
-# precision, extracted after quantization) -> the sequence's group
-
-
-def per_sequence(rows, precisions):
-    """Finding 2 on finding 1's axis: per quantized precision p and utility-constrained method, the forget sequences
-    that came back (greedy extraction fails at full precision and succeeds at p), stayed (succeeds at both), stayed
-    forgotten, or were lost to the rounding, each group with its size and mean MA in the target (how memorized the
-    sequences were before unlearning) and in the unlearned model at full precision (what unlearning left)."""
-    by = {(r["model"], r["precision"]): r for r in rows}
-    target_ma, res = by["target", "full"]["forget_ma_seq"], {}
-    for p in precisions[1:]:
-        for m in CONSTRAINED:
-            if (m, p) not in by:
-                continue
-            full, q = by[m, "full"], by[m, p]
-            seqs = {g: [] for g in SEQ_GROUPS.values()}
-            for i, ab in enumerate(zip(full["forget_exact_seq"], q["forget_exact_seq"])):
-                seqs[SEQ_GROUPS[ab]].append(i)
-            res.setdefault(p, {})[m] = {g: dict(
-                n=len(ix), seqs=ix, target_ma=float(np.mean([target_ma[i] for i in ix])) if ix else None,
-                unlearned_ma=float(np.mean([full["forget_ma_seq"][i] for i in ix])) if ix else None)
-                for g, ix in seqs.items()}
-    return res
-
-
-def pooled_sequences(runs):
-    """per_sequence over seeds: each group's sequences counted over the seeds, its MAs averaged over them."""
-    res = {}
-    for p, methods in runs[0]["per_sequence"].items():
-        for m in methods:
-            for g in SEQ_GROUPS.values():
-                gs = [run["per_sequence"][p][m][g] for run in runs]
-                n = sum(x["n"] for x in gs)
-                res.setdefault(p, {}).setdefault(m, {})[g] = dict(n=n, **{k: sum(
-                    x[k] * x["n"] for x in gs if x["n"]) / n if n else None for k in ("target_ma", "unlearned_ma")})
-    return res
-
-
 def cpu_time():
     """CPU seconds (user + system) of this process and of its finished child processes (the workers)."""
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
@@ -442,7 +268,7 @@ def write_csv(path, rows):
     w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    M.atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def stop(signum, frame):
@@ -454,10 +280,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, rcfg = cli(__doc__, StudyConfig, durability.RelearnConfig, argv=argv)
     signal.signal(signal.SIGTERM, stop)  # unwinds as Ctrl-C does: the workers are stopped, partial files removed
-    if cfg.preset:
-        if cfg.preset not in PRESETS:
-            raise SystemExit(f"--preset {cfg.preset}: the presets are {', '.join(PRESETS)}")
-        return main([*PRESETS[cfg.preset], *argv, "--preset", ""])
     if cfg.seeds:
         return over_seeds(cfg, argv)
     M.weight_dtype(cfg.dtype)  # refuses an unknown one before anything runs
@@ -526,26 +348,19 @@ def main(argv=None):
     if cfg.durability:
         results["durability"] = plain(dict(settings=asdict(rcfg), curves={n: curves[n] for n in models},
                                            card=durability.card(rows, {n: curves[n] for n in models}, precisions[1:])))
-        M.write_json(out / "durability.json", results["durability"])
+        write_json(out / "durability.json", results["durability"])
         write_csv(out / "durability.csv", [dict(model=n, **r) for n, r in results["durability"]["card"].items()])
     t = time.time()
     paths = figures.figures(results, cfg.fig_dir) if cfg.fig_dir else []
     seconds.update(figures=round(time.time() - t, 2), total=round(time.time() - t_start, 2),
                    cpu=round(cpu_time() - cpu_start, 2))  # of this process and its workers, all cores
     results["meta"]["seconds"] = seconds
-    M.write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     write_csv(out / "results.csv", results["rows"])
     report(results)
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'} and {len(paths)} figures in {cfg.fig_dir}/ "
           f"({seconds['total']:.0f}s, {seconds['cpu']:.0f} CPU-seconds)")
     return results
-
-
-def mean_sd(values):
-    """[mean, sample standard deviation] of a list of numbers (sd 0 for one number); None if any is missing."""
-    if any(v is None for v in values):
-        return None
-    return [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
 
 
 def seed_list(value):
@@ -580,49 +395,10 @@ def over_seeds(cfg, argv):
     if "durability" in runs[0]:
         cards = [run["durability"]["card"] for run in runs]
         results["durability"] = {n: {k: mean_sd([c[n][k] for c in cards]) for k in r} for n, r in cards[0].items()}
-    M.write_json(Path(cfg.out_dir) / "seeds.json", results)
+    write_json(Path(cfg.out_dir) / "seeds.json", results)
     print(f"\nTable 1 over seeds {seeds} (mean ± sample sd)")
     report(results)
     return results
-
-
-def report(results):
-    """The paper's Table 1 layout (Zhang et al. 2024, Table 1) at full precision and the first 4-bit one, then the
-    retained summary. A number is a float, or [mean, sd] over seeds (out/seeds.json)."""
-    rows, precs, matched = results["rows"], results["meta"]["precisions"], results["meta"].get("damage_matched")
-    shown = ["full"] + [p for p in precs if p.endswith("4")][:1] + ([matched] if isinstance(matched, str) else [])
-
-    def fmt(v, scale=1, digits=1):
-        if v is None or isinstance(v, list) and None in v:  # not read (nan; over seeds, nan at some seed)
-            return f"{'n/a':>12}"
-        return f"{scale * v[0]:7.{digits}f} ±{scale * v[1]:4.{digits}f}" if isinstance(v, list) else \
-            f"{scale * v:12.{digits}f}"
-    print(f"full precision: the unquantized models, {results['meta']['settings']['dtype']} weights")
-    print(f"{'model':<14}{'precision':<10}" + "".join(f"{h:>12}" for h in (
-        "VerbMem", "KnowMem", "PrivLeak", "KnowMem-ret", "exact %", "ppl")))
-    for r in rows:
-        if r["precision"] in shown:
-            print(f"{r['model']:<14}{r['precision']:<10}" + "".join(fmt(r[k]) for k in (
-                "verbmem_forget", "knowmem_forget", "privleak", "knowmem_retain")) +
-                  fmt(r["forget_exact"], 100) + fmt(r["holdout_ppl"]))
-    by = {(r["model"], r["precision"]): r for r in rows}
-    print("\nper precision (Table 2's reading): the target's own damage (VM = VerbMem, exact %), then the methods' "
-          "mean retained % (ret, of the target at that precision), recovered % (rec, of what unlearning took: "
-          "metrics.recovered_share), excess VerbMem % (exc, of the target's lead over retrain) and kept")
-    print(f"{'precision':<14}{'group':<13}" + "".join(f"{h:>12}" for h in (
-        "target VM", "tgt exact", "VM ret", "exact ret", "VM rec", "exact rec", "VM exc", "kept")))
-    for p, groups in results["retained"].items():
-        damage = fmt(by["target", p]["verbmem_forget"]) + fmt(by["target", p]["forget_exact"], 100)
-        for g, v in groups.items():
-            print(f"{p:<14}{g:<13}{damage}" + "".join(fmt(v.get(k)) for k in (
-                "verbmem_forget", "forget_exact", "recovered_verbmem_forget", "recovered_forget_exact",
-                "excess_verbmem_forget")) + fmt(v.get("kept"), digits=2))
-    ma = lambda x: f" (MA target {x['target_ma']:.2f}, unlearned {x['unlearned_ma']:.2f})" if x["n"] else ""
-    for p, methods in results.get("per_sequence", {}).items():
-        print(f"forget sequences at {p}: " + " | ".join(f"{m}: " + ", ".join(
-            f"{g} {x['n']}{ma(x)}" for g, x in groups.items()) for m, groups in methods.items()))
-    print(f"damage-matched precision (the target keeps >= {100 * metrics.PAPER_KEEP:.1f}% of its full-precision "
-          f"VerbMem, and the least such, as the paper's 7B at 4 bits): {matched or 'none'}")
 
 
 if __name__ == "__main__":

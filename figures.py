@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import metrics
-from model import atomic_write_bytes
+from settings import atomic_write_bytes
 from unlearn import METHODS
 
 
@@ -203,14 +203,24 @@ def figure8(studies, fig_dir="figures"):
     return save_png(fig, Path(fig_dir) / "8_law.png"), fit
 
 
+def read_results(path):
+    """The results dict in path (a results.json, or a study's directory holding one), refused clearly if absent."""
+    path = Path(path)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"{path}: no results.json there; `python evaluate.py` writes out/results.json\n{__doc__}")
+    return json.loads(path.read_text())
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--law"]:  # python figures.py --law DIR [DIR ...]: figure 8 over the studies in DIRs
-        studies = {d: json.loads((Path(d) / "results.json").read_text()) for d in sys.argv[2:]}
-        path, fit = figure8(studies)
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+    elif sys.argv[1:2] == ["--law"]:  # python figures.py --law DIR [DIR ...]: figure 8 over the studies in DIRs
+        path, fit = figure8({d: read_results(d) for d in sys.argv[2:]})
         for label, shares in fit.items():
             for share, (n, law, null) in shares.items():
                 print(f"{label}, {share} %: {n} points, mean |measured - predicted| {law:.2f} points (law), "
                       f"{null:.2f} (null)")
         print(f"wrote {path}")
     else:
-        figures(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "out/results.json").read_text()))
+        figures(read_results(sys.argv[1] if len(sys.argv) > 1 else "out/results.json"))

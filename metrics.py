@@ -10,7 +10,7 @@ import re
 import torch
 
 import model as M
-import quantize as Q
+import quantizers as Q
 
 
 # ----------------------------------------------------------------------------------------------------------------

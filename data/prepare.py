@@ -34,8 +34,7 @@ import tiktoken
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project root, also when run as a script
-from model import atomic_write_bytes  # noqa: E402
-from settings import check_range, cli  # noqa: E402
+from settings import atomic_write_bytes, check_range, cli  # noqa: E402
 
 BOOKS_DIR = Path(__file__).parent / "books"
 SPLITS = ("forget", "retain", "holdout")

@@ -13,6 +13,7 @@ import matplotlib.image
 import pytest
 
 import evaluate as ev
+import report as R
 import figures
 from conftest import study_argv
 
@@ -66,7 +67,7 @@ def test_study_writes_every_key_and_the_figures(study, tmp_path):
 def test_report_prints_n_a_for_what_a_seed_could_not_read(study, capsys):
     res = json.loads(json.dumps(study.results))
     res["retained"]["rtn4"]["constrained"]["recovered_verbmem_forget"] = [None, None]  # nan at one seed, over seeds
-    ev.report(res)
+    R.report(res)
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("rtn4") and "constrained" in ln][0]
     assert "n/a" in line
 
@@ -76,10 +77,10 @@ def test_per_sequence_groups_by_hand():
     rows = [row("target", "full", [1, 1, 1, 1], [1.0, 0.9, 0.8, 0.7]), row("target", "rtn4", [1, 1, 1, 1], [1.0] * 4),
             row("ga_gdr", "full", [0, 1, 0, 1], [.2, .9, .4, .8]),
             row("ga_gdr", "rtn4", [1, 1, 0, 0], [.9, .9, .4, .1])]
-    g = ev.per_sequence(rows, ["full", "rtn4"])["rtn4"]["ga_gdr"]
+    g = R.per_sequence(rows, ["full", "rtn4"])["rtn4"]["ga_gdr"]
     assert {k: v["seqs"] for k, v in g.items()} == dict(came_back=[0], stayed=[1], forgotten=[2], lost=[3])
     assert g["came_back"]["target_ma"] == 1.0 and g["came_back"]["unlearned_ma"] == pytest.approx(0.2)
-    pooled = ev.pooled_sequences([dict(per_sequence={"rtn4": {"ga_gdr": g}})] * 2)["rtn4"]["ga_gdr"]
+    pooled = R.pooled_sequences([dict(per_sequence={"rtn4": {"ga_gdr": g}})] * 2)["rtn4"]["ga_gdr"]
     assert pooled["came_back"] == dict(n=2, target_ma=1.0, unlearned_ma=pytest.approx(0.2))
 
 
@@ -160,8 +161,8 @@ def test_a_method_made_with_other_settings_runs_again(study, tmp_path):
 
 
 def test_mean_sd_by_hand():
-    assert ev.mean_sd([1.0, 2.0, 6.0]) == [3.0, pytest.approx(2.6457513)]  # sample sd: sqrt((4 + 1 + 9) / 2)
-    assert ev.mean_sd([5.0]) == [5.0, 0.0] and ev.mean_sd([1.0, None]) is None
+    assert R.mean_sd([1.0, 2.0, 6.0]) == [3.0, pytest.approx(2.6457513)]  # sample sd: sqrt((4 + 1 + 9) / 2)
+    assert R.mean_sd([5.0]) == [5.0, 0.0] and R.mean_sd([1.0, None]) is None
 
 
 @pytest.mark.parametrize("seeds", ["1,a", "1,,1", ""])
@@ -219,15 +220,25 @@ def test_sigterm_stops_the_workers_and_keeps_what_finished(tiny, tmp_path):
     assert done and all(json.loads(f.read_text()) for f in done)
 
 
-def test_a_preset_is_its_settings_then_the_command_lines_own(monkeypatch):
+def test_a_config_is_its_settings_then_the_command_lines_own(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setitem(ev.PRESETS, "probe", ["--methods", "ga", "--seed", "7"])
+    (tmp_path / "probe.py").write_text('"""A probe."""\nmethods = "ga"\nseed = 7\nvary_data = True\n')
     monkeypatch.setattr(ev, "over_seeds", lambda cfg, argv: seen.append((cfg, argv)))
-    ev.main(["--preset", "probe", "--seed", "8", "--seeds", "8,9"])
+    ev.main([str(tmp_path / "probe.py"), "--seed", "8", "--seeds", "8,9"])
     cfg, argv = seen[0]
-    assert (cfg.methods, cfg.seed, cfg.preset) == ("ga", 8, "")  # the command line wins over the preset
-    with pytest.raises(SystemExit, match="the presets are smollm2"):
-        ev.main(["--preset", "nope"])
-    for name, settings in ev.PRESETS.items():  # every preset names valid methods and precisions
-        cfg = ev.cli(ev.__doc__, ev.StudyConfig, argv=settings)[0]
+    assert (cfg.methods, cfg.seed, cfg.vary_data) == ("ga", 8, True)  # the command line wins over the config
+    with pytest.raises(SystemExit, match="no such config file"):
+        ev.main([str(tmp_path / "nope.py")])
+    (tmp_path / "code.py").write_text("import os\n")
+    with pytest.raises(SystemExit, match="line 1: a config holds only lines `name = value`"):
+        ev.main([str(tmp_path / "code.py")])
+    for path in sorted(ev.Path(ev.__file__).parent.glob("config/*.py")):  # every config names valid settings
+        cfg = ev.cli(ev.__doc__, ev.StudyConfig, ev.durability.RelearnConfig, argv=[str(path)])[0]
         ev.names(cfg.methods, ev.METHODS, "methods") and ev.names(cfg.precisions, ev.PRECISIONS, "precisions")
+
+
+def test_figures_refuses_a_missing_results_file(tmp_path):
+    with pytest.raises(SystemExit, match="no results.json there; `python evaluate.py` writes"):
+        figures.read_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"meta": {}}')
+    assert figures.read_results(tmp_path) == figures.read_results(tmp_path / "results.json") == {"meta": {}}

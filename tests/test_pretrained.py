@@ -13,10 +13,11 @@ import evaluate
 import metrics
 import model as M
 import pretrained
-import quantize as Q
-import quantize_cli as QC
-import sweep
+import quantizers as Q
+import quantize as QC
+from study import sweep
 from conftest import TEXTS, prose
+from settings import save_checkpoint
 from data.prepare import person, secret
 
 
@@ -75,7 +76,7 @@ def test_hf_rtn_equals_quantizing_every_linear_by_hand(tmp_path, arch):
     from transformers import AutoModelForCausalLM
     path, text = tiny_hf(tmp_path, arch)
     cfg = QC.QuantConfig(hf=str(path), text=str(text), method="rtn", bits=3, group_size=16)
-    before, after = pretrained.quantize_hf(cfg)
+    before, after = QC.quantize_hf(cfg)
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     ids, T = second_half_and_T(path, text)
     assert before == pytest.approx(M.perplexity(hf, ids, T), rel=1e-6)
@@ -93,10 +94,10 @@ def test_hf_rtn_equals_quantizing_every_linear_by_hand(tmp_path, arch):
 def test_hf_gptq_calibrates_on_the_first_half_only(tmp_path, monkeypatch):
     path, text = tiny_hf(tmp_path, "llama")
     seen = []
-    windows = Q.calibration_windows
-    monkeypatch.setattr(Q, "calibration_windows", lambda stream, *a: seen.append(stream) or windows(stream, *a))
-    pretrained.quantize_hf(QC.QuantConfig(hf=str(path), text=str(text), method="gptq", bits=4, nsamples=8,
-                                         group_size=32))
+    windows = QC.calibration_windows
+    monkeypatch.setattr(QC, "calibration_windows", lambda stream, *a: seen.append(stream) or windows(stream, *a))
+    QC.quantize_hf(QC.QuantConfig(hf=str(path), text=str(text), method="gptq", bits=4, nsamples=8,
+                                  group_size=32))
     (calib,) = seen  # one stream of calibration windows: the first half; quantize_hf scores the second
     from transformers import AutoTokenizer
     ids = torch.tensor(AutoTokenizer.from_pretrained(path)(text.read_text())["input_ids"])
@@ -106,7 +107,7 @@ def test_hf_gptq_calibrates_on_the_first_half_only(tmp_path, monkeypatch):
 def test_hf_without_tokenizer_is_refused(tmp_path):
     path, text = tiny_hf(tmp_path, "gpt2", with_tokenizer=False)
     with pytest.raises(SystemExit, match="tokenizer"):
-        pretrained.quantize_hf(QC.QuantConfig(hf=str(path), text=str(text), method="rtn"))
+        QC.quantize_hf(QC.QuantConfig(hf=str(path), text=str(text), method="rtn"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def test_hf_base_runs_the_whole_study(hf_study):
     meta = hf_study.results["meta"]
     assert meta["training"]["base"] == f"hf:{hf_study.path}" and meta["data"]["tokenizer"] == str(hf_study.path)
     model, ckpt = M.load_checkpoint(hf_study.out / "npo_klr.pt")
-    assert isinstance(model, pretrained.HFCausalLM) and ckpt["model_args"]["hf_dir"] == str(hf_study.path)
+    assert isinstance(model, M.HFCausalLM) and ckpt["model_args"]["hf_dir"] == str(hf_study.path)
 
 
 def test_hf_target_memorizes_and_retrain_never_sees_the_forget_set(hf_study):
@@ -196,7 +197,7 @@ def test_wrapper_round_trips_a_checkpoint_exactly(tmp_path, dtype):
     Llama's logits then move by about 0.002)."""
     path, _ = tiny_hf(tmp_path, "llama")
     model = pretrained.load_base(str(path), 40, "cpu", dtype).eval()
-    M.save_checkpoint(tmp_path / "m.pt", model)
+    save_checkpoint(tmp_path / "m.pt", model)
     loaded, _ = M.load_checkpoint(tmp_path / "m.pt")
     assert loaded.config == model.config
     assert {p.dtype for p in loaded.parameters()} == {p.dtype for p in model.parameters()} == {dtype}

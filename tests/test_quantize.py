@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import model as M
-import quantize as Q
-import quantize_cli as QC
+import quantizers as Q
+import quantize as QC
+from settings import save_checkpoint
 from data.prepare import load_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,16 +219,16 @@ def test_bad_settings_are_refused():
 def test_quantized_checkpoint_is_small_and_loads_back(tmp_path, method, bits, lm_head):
     torch.manual_seed(0)
     gpt = M.GPT(M.GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64)).eval()
-    M.save_checkpoint(tmp_path / "fp.pt", gpt, kind="target")
+    save_checkpoint(tmp_path / "fp.pt", gpt, kind="target")
     layers = Q.quantized_layers(gpt, lm_head)
     windows = torch.randint(0, 256, (8, 64), generator=gen())
-    records = Q.quantize_layers(gpt, layers, method, bits, 0, True, windows)
+    records = QC.quantize_layers(gpt, layers, method, bits, 0, True, windows)
     quant = dict(method=method, bits=bits, group_size=0, sym=True)
-    Q.save_quantized(tmp_path / "q.pt", gpt, records, {"kind": "target", "model_args": vars(gpt.config)}, quant)
+    QC.save_quantized(tmp_path / "q.pt", gpt, records, {"kind": "target", "model_args": vars(gpt.config)}, quant)
     fbytes = sum(4 * layer.weight.numel() for layer in layers.values())
     saved = (tmp_path / "fp.pt").stat().st_size - (tmp_path / "q.pt").stat().st_size
     assert fbytes - saved <= 0.35 * fbytes  # the quantized tensors on disk vs in float32
-    loaded, ckpt = Q.load_quantized(tmp_path / "q.pt")
+    loaded, ckpt = QC.load_quantized(tmp_path / "q.pt")
     assert ckpt["kind"] == "target" and ckpt["quant"]["method"] == method
     for k, v in gpt.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -245,15 +246,15 @@ def test_relative_output_error_by_hand():
     def shrink():  # Q = 0.9·W, so ‖(W - Q)X‖² / ‖WX‖² = 0.01 whatever X is
         layer.weight.data *= 0.9
         return "records"
-    assert Q.output_error(layer, {"layer": layer}, x, shrink) == ("records", pytest.approx(0.01))
+    assert QC.output_error(layer, {"layer": layer}, x, shrink) == ("records", pytest.approx(0.01))
 
 
 def test_gptq_beats_rtn_on_every_layer_of_the_tiny_target_on_real_text(tiny):
     gpt, ckpt = M.load_checkpoint(tiny.out_dir / "target.pt")
     data = load_data(ckpt["data"], tiny.out_dir)
-    windows = Q.calibration_windows(data.general_train, 32, gpt.config.block_size, 0)
+    windows = QC.calibration_windows(data.general_train, 32, gpt.config.block_size, 0)
     layers, X = Q.quantized_layers(gpt), {}
-    Q.layer_inputs(gpt, layers, windows, X.setdefault, batch_size=len(windows))  # the full-precision model's inputs
+    QC.layer_inputs(gpt, layers, windows, X.setdefault, batch_size=len(windows))  # the full-precision model's inputs
     for name, layer in layers.items():
         H = 2 * X[name].T @ X[name] / len(X[name])
         W = layer.weight.data
@@ -274,7 +275,7 @@ def test_calibration_on_the_retain_set_draws_its_windows_from_the_retain_sequenc
     assert QC.calibration_text(data, "general") is data.general_train
     cfg = QC.QuantConfig(method="gptq", nsamples=4, calib="retain", seed=3)
     assert QC.quant_name(cfg) == "gptq4_retain" and QC.quant_name(QC.QuantConfig(calib="retain")) == "rtn4"
-    windows = Q.calibration_windows(stream, 4, model.config.block_size, 3)
+    windows = QC.calibration_windows(stream, 4, model.config.block_size, 3)
     retain_ids = set(stream.tolist())
     assert all(set(w.tolist()) <= retain_ids for w in windows)
     _, quant = QC.quantize_with(model, cfg, data)
@@ -293,7 +294,7 @@ def test_cli_quantizes_the_newest_unlearned_model_and_compares_with_the_target(t
     for row in ("ga          float32", "ga          rtn3_g32_asym", "target      float32", "target      rtn3_g32_asym"):
         assert row in out
     assert "forget exact-match of ga as a share of target's" in out and "the rounded update keeps" in out
-    model, ckpt = Q.load_quantized(tmp_path / "ga_rtn3_g32_asym.pt")
+    model, ckpt = QC.load_quantized(tmp_path / "ga_rtn3_g32_asym.pt")
     assert ckpt["quant"]["bits"] == 3 and ckpt["quant"]["source"].endswith("ga.pt")
     data = load_data(ckpt["data"], tmp_path)
     assert ckpt["kind"] == "ga" and M.perplexity(model, data.general_val) > 1
@@ -310,11 +311,11 @@ def test_a_bf16_model_is_quantized_onto_its_grid_exactly():
     torch.manual_seed(0)
     gpt = M.to_dtype(M.GPT(M.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=64)), torch.bfloat16)
     with pytest.raises(ValueError, match="float32 copy"):
-        Q.quantize_layers(gpt, Q.quantized_layers(gpt), "rtn", 8, absmax=True)
+        QC.quantize_layers(gpt, Q.quantized_layers(gpt), "rtn", 8, absmax=True)
     copy32 = M.to_dtype(M.GPT(gpt.config), torch.float32)
     copy32.load_state_dict(gpt.state_dict())  # bf16 -> float32 is exact
     quant = dict(method="rtn", bits=8, group_size=0)
-    records = Q.quantize_layers(copy32, Q.quantized_layers(copy32), "rtn", 8, absmax=True)
+    records = QC.quantize_layers(copy32, Q.quantized_layers(copy32), "rtn", 8, absmax=True)
     for name, layer in Q.quantized_layers(copy32).items():
         W, scale = layer.weight.detach(), records[name]["scale"]
         assert torch.equal(W, Q.dequantize_record(records[name], quant)), name  # exactly the quantizer's values
@@ -331,7 +332,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_not_deleted(tmp_path):
     assert r.returncode == 1 and "not a nanoUnlearn checkpoint" in r.stderr
     assert "Traceback" not in r.stderr and "elete" not in r.stderr and notes.exists()
     with pytest.raises(SystemExit, match="not a nanoUnlearn quantized checkpoint") as e:
-        Q.load_quantized(notes)
+        QC.load_quantized(notes)
     assert "elete" not in str(e.value)
 
 
@@ -374,9 +375,9 @@ def test_awq_scales_are_the_normalised_activation_power_and_the_search_only_help
     is RTN's. Clipping (per output channel here, where the rows' errors add up exactly) can only lower it further."""
     gpt, ckpt = M.load_checkpoint(tiny.out_dir / "target.pt")
     data = load_data(ckpt["data"], tiny.out_dir)
-    windows = Q.calibration_windows(data.general_train, 16, gpt.config.block_size, 0)
+    windows = QC.calibration_windows(data.general_train, 16, gpt.config.block_size, 0)
     layers, X = Q.quantized_layers(gpt), {}
-    Q.layer_inputs(gpt, layers, windows, X.setdefault, batch_size=len(windows))
+    QC.layer_inputs(gpt, layers, windows, X.setdefault, batch_size=len(windows))
     for name, layer in layers.items():
         W, x = layer.weight.data, X[name]
         Wn, *_, s, alpha = Q.awq(W, x, 4, 0, True, clip=False)
@@ -396,13 +397,13 @@ def test_awq_checkpoint_loads_back_the_weights_it_wrote(tmp_path):
     gpt = M.GPT(M.GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64)).eval()
     layers = Q.quantized_layers(gpt)
     windows = torch.randint(0, 256, (8, 64), generator=gen())
-    records = Q.quantize_layers(gpt, layers, "awq", 4, 32, False, windows)
+    records = QC.quantize_layers(gpt, layers, "awq", 4, 32, False, windows)
     quant = dict(method="awq", bits=4, group_size=32, sym=False)
     for name, layer in layers.items():
         assert records[name]["awq_scale"].shape == (layer.weight.shape[1],) and 0 <= records[name]["alpha"] < 1
         assert torch.equal(Q.dequantize_record(records[name], quant), layer.weight), name  # stored = evaluated
-    Q.save_quantized(tmp_path / "q.pt", gpt, records, {"kind": "target", "model_args": vars(gpt.config)}, quant)
-    loaded, ckpt = Q.load_quantized(tmp_path / "q.pt")
+    QC.save_quantized(tmp_path / "q.pt", gpt, records, {"kind": "target", "model_args": vars(gpt.config)}, quant)
+    loaded, ckpt = QC.load_quantized(tmp_path / "q.pt")
     assert ckpt["quant"]["method"] == "awq"
     for k, v in gpt.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -416,7 +417,7 @@ def test_cli_quantizes_the_tiny_target_with_awq(tiny, tmp_path, capsys):
     QC.main(["--method", "awq", "--bits", "4", "--ckpt", str(tmp_path / "target.pt"), "--out_dir", str(tmp_path),
              "--nsamples", "16", "--seed", "3"])
     assert "target      awq4" in capsys.readouterr().out
-    model, ckpt = Q.load_quantized(tmp_path / "target_awq4.pt")
+    model, ckpt = QC.load_quantized(tmp_path / "target_awq4.pt")
     quant = ckpt["quant"]
     assert quant["method"] == "awq" and quant["clip"] and quant["sym"] and quant["group_size"] == 0
     assert quant["calibration"] == dict(source="general", nsamples=16, tokens=model.config.block_size, seed=3)
@@ -431,4 +432,4 @@ def test_the_tours_verdict_says_what_came_back_and_else_why_not():
     wiped = QC.verdict(row(0.0), row(0.0), row(1.0), row(0.1), None, "rtn4")
     assert wiped.startswith("nothing came back at rtn4: rtn4 wipes the target's own memorization too (1.00 -> 0.10)")
     kept = QC.verdict(row(0.0), row(0.05), row(1.0), row(1.0), 0.97, "rtn4")
-    assert "keeps 0.97 of itself" in kept and "--preset smollm2" in kept and "wipes" not in kept
+    assert "keeps 0.97 of itself" in kept and "config/smollm2.py" in kept and "wipes" not in kept

@@ -44,7 +44,7 @@ def test_out_of_range_settings_are_refused_with_the_range(argv, message, capsys)
 
 def test_every_settings_class_checks_its_ranges(capsys):
     from data.prepare import DataConfig
-    from quantize_cli import QuantConfig
+    from quantize import QuantConfig
     from evaluate import StudyConfig
     from unlearn_memflex import MemFlexConfig
     from unlearn_npo import NPOConfig

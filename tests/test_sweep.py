@@ -1,4 +1,4 @@
-"""sweep.py: two conditions on the tiny target, read back on a second run."""
+"""study/sweep.py: two conditions on the tiny target, read back on a second run."""
 import json
 import shutil
 from dataclasses import asdict, replace
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import figures
-import sweep
+from study import sweep
 
 
 def test_slug_and_flags():

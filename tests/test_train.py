@@ -1,4 +1,4 @@
-"""train.py: exact repetition, the exposures of target and retrain, the positions measurements feed, memorization."""
+"""train.py: pure bf16 storage, exact repetition, the exposures of target and retrain, the positions measurements feed, memorization."""
 import copy
 import json
 import math
@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import train as T
 from conftest import tiny_configs
 from data.prepare import load_data
 from model import GPT, GPTConfig, load_checkpoint, to_dtype
@@ -97,3 +98,31 @@ def test_the_target_polishes_until_book_and_facts_are_memorized(tiny, tmp_path):
                     memorize=("forget", "retain"), steps=3)
     assert seen["polish_passes"] == 2 and seen["polish_reached"] < 1.0
     assert min(seen["forget"] + seen["retain"]) >= 2  # each pass: every memorized sequence once
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_storage_loses_an_update_below_half_a_spacing(native):
+    """Pure bf16 stores weights and AdamW state in bf16, natively or as float32 arithmetic rounded back after each
+    step. Adam's first step moves every weight by about lr = 1e-3: below half the bf16 spacing at 1.0 (2^-8), so a
+    weight of 1.0 keeps its value, while one of 0.01 (spacing 2^-14) moves."""
+    dtype = torch.bfloat16 if native else torch.float32
+    big, small = torch.nn.Parameter(torch.ones(8, dtype=dtype)), torch.nn.Parameter(torch.full((8,), 0.01).to(dtype))
+    opt = T.adamw([big, small], torch.bfloat16, lr=1e-3)
+    before = small.detach().clone()
+    for _ in range(3):
+        big.grad, small.grad = torch.ones_like(big), torch.ones_like(small)
+        opt.step()
+    assert torch.equal(big.detach(), torch.ones_like(big)) and (small.detach() < before).all()
+    stored = [big, small, *(v for p in (big, small) for k, v in opt.state[p].items() if k != "step")]
+    assert all(torch.equal(t.detach().float(), t.detach().bfloat16().float()) for t in stored)  # bf16 numbers
+    float_opt = T.adamw([torch.nn.Parameter(torch.ones(8))], torch.float32, lr=1e-3)
+    float_opt.param_groups[0]["params"][0].grad = torch.ones(8)
+    float_opt.step()  # float32 storage keeps the update
+    assert float_opt.param_groups[0]["params"][0].detach().max() < 1
+
+
+def test_compute_dtype_follows_what_is_fast(monkeypatch):
+    monkeypatch.setattr(T, "bf16_native", lambda device: False)
+    assert T.compute_dtype(torch.bfloat16, "cpu") == T.compute_dtype(torch.float32, "cpu") == torch.float32
+    monkeypatch.setattr(T, "bf16_native", lambda device: True)
+    assert T.compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16

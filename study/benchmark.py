@@ -1,11 +1,11 @@
 """
 Times the README's commands from scratch in a scratch out_dir, with peak memory, and prints a markdown table for the
-README. Not a test (pytest does not collect it): it takes minutes.
+README. Not a test: it takes minutes.
 
-$ python tests/benchmark.py                       # everything
-$ python tests/benchmark.py --only model,tests    # a subset: model, unlearn, quantize, evaluate, tests
-$ python tests/benchmark.py --quantizers out      # the quantizer table: each quantizer on out/target.pt
-$ python tests/benchmark.py --step data/models/smollm2   # one fine-tuning step of that model, float32 vs pure bf16
+$ python study/benchmark.py                       # everything
+$ python study/benchmark.py --only model,tests    # a subset: model, unlearn, quantize, evaluate, tests
+$ python study/benchmark.py --quantizers out      # the quantizer table: each quantizer on out/target.pt
+$ python study/benchmark.py --step data/models/smollm2   # one fine-tuning step of that model, float32 vs pure bf16
 """
 import argparse
 import os
@@ -50,7 +50,7 @@ def quantizer_table(out_dir):
     import copy
     sys.path.insert(0, str(ROOT))
     import model as M
-    import quantize_cli as QC
+    import quantize as QC
     from data.prepare import load_data
     target, ckpt = M.load_checkpoint(Path(out_dir) / "target.pt")
     data = load_data(ckpt["data"], out_dir)
@@ -68,20 +68,20 @@ def step_times(hf_dir, batch=16, T=48, repeat=2):
     """Seconds of one fine-tuning step (forward, backward, AdamW) of the Hugging Face model in hf_dir on a batch of
     the study's shape (16 windows of 48 tokens), the better of `repeat` steps each: float32; pure bf16 with bf16
     arithmetic (fast only with AVX512-BF16 or AMX; torch emulates it elsewhere); and pure bf16 as float32
-    arithmetic rounded to bf16 after each step (model.adamw), what the study runs where model.bf16_native says no."""
+    arithmetic rounded to bf16 after each step (train.adamw), what the study runs where train.bf16_native says no."""
     import torch
     sys.path.insert(0, str(ROOT))
-    import model as M
     import pretrained
+    import train
     from settings import cpu_name
-    native = M.bf16_native("cpu")
+    native = train.bf16_native("cpu")
     print(f"{cpu_name()}, {os.cpu_count()} cores, {torch_threads()} thread(s), torch CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; bf16 arithmetic judged {'native' if native else 'slow'} "
-          f"(model.bf16_native)\n\n| weights | arithmetic | seconds a step |\n|---|---|---|")
+          f"(train.bf16_native)\n\n| weights | arithmetic | seconds a step |\n|---|---|---|")
     for stored, compute in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                             (torch.bfloat16, torch.float32)):
         model = pretrained.load_base(hf_dir, T, "cpu", compute).train()
-        opt = M.adamw(model.parameters(), stored, lr=1e-5)
+        opt = train.adamw(model.parameters(), stored, lr=1e-5)
         x = torch.randint(0, model.hf.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
         best = float("inf")
         for _ in range(repeat):
@@ -114,7 +114,7 @@ def main():
     out = Path(tempfile.mkdtemp(prefix="nanounlearn-bench-"))
     py, o = sys.executable, ["--out_dir", str(out)]
     steps = {
-        "model": [("python model.py (base, target, retrain)", [py, "model.py", *o])],
+        "model": [("python train.py (base, target, retrain)", [py, "train.py", *o])],
         "unlearn": [("python unlearn_ga.py (target present)", [py, "unlearn_ga.py", *o])],
         "quantize": [("python quantize.py --bits 4", [py, "quantize.py", "--bits", "4", *o]),
                      ("python quantize.py --method gptq --bits 4", [py, "quantize.py", "--method", "gptq", *o])],

@@ -4,10 +4,10 @@ toy sweep and scale sections): learning rate x weight storage (float32 / pure bf
 target (no base, a longer base, width 256, trained in pure bf16) and three seeds, each at eight precisions. A
 condition is data: the settings of its target and of its unlearning runs as values.
 
-$ python sweep.py                    # -> out/sweep.json, figures/6_when.png, and the headline tables (printed)
-$ python sweep.py --scale --real out_hf   # the width axis in the erasing regime, beside the real model's study in
+$ python study/sweep.py                    # -> out/sweep.json, figures/6_when.png, and the headline tables (printed)
+$ python study/sweep.py --scale --real out_hf   # the width axis in the erasing regime, beside the real model's study in
                                           # out_hf -> out/scale.json, figures/9_scale.png, and its table
-$ python sweep.py --headline out_hf,out_hf_s1338,out_hf_s1339   # the real model's headline over those studies
+$ python study/sweep.py --headline out_hf,out_hf_s1338,out_hf_s1339   # the real model's headline over those studies
                                           # (one per seed), mean ± sd -> out/headline.json and its table
 
 Each condition is a cached study in out/sweep/<target settings>/<unlearning settings>/ beside a target and retrain
@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import evaluate
-import model as M
-from data.prepare import DataConfig
-from evaluate import CONSTRAINED, RETAINED, SURE, logged, mean_sd, plain
-from figures import law_points, save_png
-from settings import cli
-from train import TrainConfig, train_all
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python study/sweep.py: the core is one up
+import evaluate  # noqa: E402
+from data.prepare import DataConfig  # noqa: E402
+from evaluate import logged, plain  # noqa: E402
+from figures import law_points, save_png  # noqa: E402
+from report import CONSTRAINED, RETAINED, SURE, mean_sd  # noqa: E402
+from settings import cli, write_json  # noqa: E402
+from train import TrainConfig, train_all  # noqa: E402
 
 FOUR_BIT = ("rtn4", "rtn4_asym", "rtn4_g64", "gptq4", "nf4", "fp4")
 FINDING2 = ("ga", "sga", "tau")
@@ -144,7 +146,7 @@ def sweep(cfg, conditions=SWEEP):
     if cfg.scale:
         results["points"] = scale_points(conds, [d for d in cfg.real.split(",") if d])
     path = Path(cfg.out_dir) / ("scale.json" if cfg.scale else "sweep.json")
-    M.write_json(path, results)
+    write_json(path, results)
     (scale_report if cfg.scale else sweep_report)(results)
     if cfg.fig_dir:
         (figure9 if cfg.scale else figure6)(results, cfg.fig_dir)
@@ -378,7 +380,7 @@ if __name__ == "__main__":
     cfg, = cli(__doc__, SweepConfig)
     if cfg.headline:
         result = headline_over(cfg.headline.split(","))
-        M.write_json(Path(cfg.out_dir) / "headline.json", result)
+        write_json(Path(cfg.out_dir) / "headline.json", result)
         headline_report(result)
     else:
         sweep(cfg, scale([int(w) for w in cfg.widths.split(",")], [float(lr) for lr in cfg.lrs.split(",")])
