@@ -52,7 +52,7 @@ import model as M
 import quantize as QC
 import train as T
 from data.prepare import DataConfig, load_data
-from settings import JOB_THREADS, Progress, atomic_write_bytes, check_range, cli, digest, environment, in_worker, \
+from settings import Progress, atomic_write_bytes, check_range, cli, digest, environment, in_worker, \
     job_threads, jobs, machine, start_worker, stop_workers, write_json
 from report import mean_sd, per_sequence, pooled_sequences, relative, report
 from unlearn import METHODS
@@ -81,6 +81,7 @@ class StudyConfig:
     seed: int = 1337  # training, unlearning, and GPTQ's calibration windows
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     workers: int = 0  # processes running methods and measurements side by side; 0 = one per CPU core up to 4
+    job_threads: int = 1  # torch threads of each method run and measurement (in every cache key: they change float order)
     el_stride: int = 16  # EL_10 starts at t = 1, 1+stride, ... and is measured at full precision only (0 = never)
     top_k: int = 10  # the likelihood-ranked extraction attack extracts the k likeliest forget sequences
     dtype: str = "float32"  # weights of the unlearning runs, float32 | bfloat16 (pure); target/retrain measured in it
@@ -92,7 +93,7 @@ class StudyConfig:
     vary_data: bool = False  # with --seeds: each seed draws its own data as well (data/prepare.py's --data_seed)
 
     def __post_init__(self):
-        check_range(self, workers=">= 0", el_stride=">= 0", top_k=">= 1")
+        check_range(self, workers=">= 0", job_threads=">= 1", el_stride=">= 0", top_k=">= 1")
 
 
 def names(value, valid, flag):
@@ -131,7 +132,7 @@ def resolved(cfg, name):
 def env(cfg):
     """The environment (settings.environment) of the study's jobs."""
     dev = M.pick_device(cfg.device)
-    return environment(dev, cfg.base, JOB_THREADS, T.bf16_native(dev) if cfg.dtype == "bfloat16" else None)
+    return environment(dev, cfg.base, cfg.job_threads, T.bf16_native(dev) if cfg.dtype == "bfloat16" else None)
 
 
 def made(cfg, name):
@@ -238,7 +239,7 @@ def run_and_measure(pool, cfg, run, todo):
     of every model, a method's as soon as it has run, one job per row (so no worker waits for the slowest method, or
     idles while another measures a model's last rows)."""
     if pool is None:
-        with job_threads():
+        with job_threads(cfg.job_threads):
             yield from (("method", m, run_method(cfg, m)) for m in run)
             yield from (("rows", n, measure_model(cfg, n, ps)) for n, ps in todo.items() if ps)
         return
@@ -306,7 +307,7 @@ def main(argv=None):
         seconds["train"] = progress.done("train", "data, base, target, retrain", time.time() - t)
 
     pool = None if workers == 1 else concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker)
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker, initargs=(cfg.job_threads,))
     try:
         t_rows, fresh = time.time(), {}
         for kind, name, res in run_and_measure(pool, cfg, run, todo):
@@ -317,7 +318,8 @@ def main(argv=None):
                 progress.done("row", f"{name} at {', '.join(c['row']['precision'] for c in res)}",
                               sum(c["seconds"]["total"] for c in res), len(res))
         curves = {name: res for (_, _, name), res in jobs(pool, durability.relearn_model,
-                                                          [(cfg, rcfg, n) for n in models if cfg.durability])}
+                                                          [(cfg, rcfg, n) for n in models if cfg.durability],
+                                                          cfg.job_threads)}
     except BaseException:
         if pool is not None:
             stop_workers(pool)
@@ -343,7 +345,7 @@ def main(argv=None):
                 corpora=target_ckpt["corpora"], data=target_ckpt["data"], training=target_ckpt["config"],
                 methods=method_meta, damage_matched=matched, mech_bins=list(metrics.RATIO_BINS[:-1]), seconds=seconds,
                 quantizers={p: PRECISIONS[p] and asdict(replace(PRECISIONS[p], seed=cfg.seed)) for p in precisions},
-                machine=machine(dev, workers))
+                machine=machine(dev, workers, cfg.job_threads))
     results = plain(dict(meta=meta, retained=summary, rows=rows, per_sequence=per_sequence(rows, precisions)))
     if cfg.durability:
         results["durability"] = plain(dict(settings=asdict(rcfg), curves={n: curves[n] for n in models},

@@ -159,26 +159,22 @@ def save_checkpoint(path, model, **meta):
 # ----------------------------------------------------------------------------------------------------------------
 # the study's worker processes
 
-JOB_THREADS = 1  # torch threads of every method run and measurement: the models are small, the workers share the
-# cores, and a thread count is part of a result (it changes the order of float sums)
-
-
 @contextlib.contextmanager
-def job_threads():
-    """Jobs run in this process (--workers 1) with JOB_THREADS torch threads, as in a worker."""
+def job_threads(threads):
+    """Jobs run in this process (--workers 1) with the torch threads of a worker's."""
     n = torch.get_num_threads()
-    torch.set_num_threads(JOB_THREADS)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(n)
 
 
-def machine(device, workers):
+def machine(device, workers, threads):
     """Where the numbers come from: the platform, the CPU's model and torch's kernel level for it (AVX2, AVX512,
-    ...: pure bf16 is native only on some), the device and the workers."""
+    ...: pure bf16 is native only on some), the device, the workers and each job's torch threads."""
     return dict(platform=platform.platform(), cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                cpu_count=os.cpu_count(), device=device, workers=workers, job_threads=JOB_THREADS)
+                cpu_count=os.cpu_count(), device=device, workers=workers, job_threads=threads)
 
 
 class Stopped(BaseException):
@@ -194,10 +190,10 @@ def terminated(signum, frame):
     os._exit(143)
 
 
-def start_worker():
-    """A worker process: JOB_THREADS torch threads; SIGTERM ends its job cleanly (in_worker), then the process.
+def start_worker(threads):
+    """A worker process with that many torch threads; SIGTERM ends its job cleanly (in_worker), then the process.
     Ctrl-C is left to the study, which stops the workers."""
-    torch.set_num_threads(JOB_THREADS)
+    torch.set_num_threads(threads)
     signal.signal(signal.SIGTERM, terminated)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -221,10 +217,11 @@ def stop_workers(pool):
     pool.shutdown(cancel_futures=True)
 
 
-def jobs(pool, fn, args):
-    """Yields (args, fn(*args)) for each tuple of args, as the jobs finish in the pool (here, without one)."""
+def jobs(pool, fn, args, threads):
+    """Yields (args, fn(*args)) for each tuple of args, as the jobs finish in the pool (here, with that many torch
+    threads, without one)."""
     if pool is None:
-        with job_threads():
+        with job_threads(threads):
             yield from ((a, fn(*a)) for a in args)
         return
     futures = {pool.submit(in_worker, fn, *a): a for a in args}

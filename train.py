@@ -93,6 +93,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     dtype: str = "float32"  # float32, or bfloat16 for pure bf16 weights and optimizer (no float32 master copy)
     save_dtype: str = ""  # the models are stored in it: '' = --dtype; bfloat16 = trained in float32, released in bf16
+    amp: bool = False  # float32 weights, bf16 arithmetic (autocast: mixed precision) where bf16 is fast (bf16_native)
     seed: int = 1337  # initialisation and batch order
     base: str = ""  # '' = a GPT trained here on general text; 'hf:DIR' = the local Hugging Face causal LM in DIR
     n_layer: int = 4
@@ -166,8 +167,11 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None)
     one machine and not on another (float order), and a target that memorizes only just would move the study's
     numbers between machines. The retrain model is given the target's number of passes (polish=k) and replays them.
     Returns the model and the exposures it saw: per split, the times each sequence was in a batch, the number of
-    general windows, the polish passes, and the lowest book/facts exact match before polishing stopped."""
+    general windows, the polish passes, the lowest book/facts exact match before polishing stopped, and the
+    arithmetic: with --amp, float32 weights and AdamW (the master copy) and the forward pass in bf16 (torch.autocast,
+    as mixed-precision training does) where bf16_native, else float32 as without it."""
     dev, T = next(model.parameters()).device, data.config["seq_len"]
+    amp = cfg.amp and next(model.parameters()).dtype == torch.float32 and bf16_native(str(dev))
     opt = adamw(model.parameters(), weight_dtype(cfg.dtype), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     n_mem = int(cfg.batch_size * cfg.mem_frac) if memorize else 0
     batches, passes, pool = exposure_order(data, n_mem, cfg.tune_epochs, gen, cfg.max_polish) if memorize else (
@@ -190,7 +194,8 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None)
             mx = mem_x[pick]
             my = torch.where(torch.arange(1, T)[None] < mem_len[pick, None], mx[:, 1:], -1)
             x, y = torch.cat([x, mx[:, :-1]]), torch.cat([y, my])
-        _, loss = model(x.to(dev), y.to(dev))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            _, loss = model(x.to(dev), y.to(dev))
         if not torch.isfinite(loss):
             raise SystemExit(f"{name}: loss is {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
@@ -227,7 +232,8 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None)
                   + (f", below --until_exact {cfg.until_exact}" if reached < cfg.until_exact else ""))
     exposures = {s: seen[split_of == i].tolist() for i, s in enumerate(splits)}
     general = (steps + sum(len(b) for b in passes[:done])) * (cfg.batch_size - n_mem)
-    return model, dict(exposures, general_windows=general, polish_passes=done, polish_reached=reached)
+    return model, dict(exposures, general_windows=general, polish_passes=done, polish_reached=reached,
+                       arithmetic="bf16 autocast" if amp else str(next(model.parameters()).dtype)[6:])
 
 
 def polish_passes(target_path):

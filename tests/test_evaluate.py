@@ -179,7 +179,7 @@ def test_caches_key_on_resolved_settings_and_the_environment(study):
     assert ev.resolved(spelled, "ga_gdr") == settings and ev.made(spelled, "ga_gdr") is not None
     assert ev.made(ev.replace(cfg, unlearn_args="--steps 41"), "ga_gdr") is None
     key = ev.row_key(cfg, "ga", "rtn4")["environment"]
-    assert key["device"] == "cpu" and key["threads"] == ev.JOB_THREADS and key["torch"] == ev.torch.__version__
+    assert key["device"] == "cpu" and key["threads"] == ev.StudyConfig.job_threads == 1 and key["torch"] == ev.torch.__version__
     assert len(key["code"]) == 16
     row = json.loads((study.out / "rows" / "ga_rtn4.json").read_text())
     assert row["key"] == ev.row_key(cfg, "ga", "rtn4")

@@ -126,3 +126,18 @@ def test_compute_dtype_follows_what_is_fast(monkeypatch):
     assert T.compute_dtype(torch.bfloat16, "cpu") == T.compute_dtype(torch.float32, "cpu") == torch.float32
     monkeypatch.setattr(T, "bf16_native", lambda device: True)
     assert T.compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_is_bf16_arithmetic_over_float32_weights_only_where_bf16_is_fast(tiny, monkeypatch, native):
+    """--amp: the forward pass in bf16 (autocast) while the weights and AdamW stay float32, where bf16_native;
+    elsewhere the very float32 run, bit for bit."""
+    monkeypatch.setattr(T, "bf16_native", lambda device: native)
+    data, base = load_data(tiny.dcfg, tiny.out_dir), load_checkpoint(tiny.out_dir / "base.pt")[0]
+    run = lambda amp: train(copy.deepcopy(base), data, replace(tiny.cfg, amp=amp), 1e-3,
+                            torch.Generator().manual_seed(0), "t", memorize=("forget", "retain"), steps=3, polish=0)
+    (fp32, seen32), (mixed, seen) = run(False), run(True)
+    assert seen32["arithmetic"] == "float32" and seen["arithmetic"] == ("bf16 autocast" if native else "float32")
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    same = all(torch.equal(a, b) for a, b in zip(fp32.parameters(), mixed.parameters()))
+    assert same != native  # bf16 arithmetic moves the weights a little; float32 arithmetic leaves them identical
