@@ -109,7 +109,7 @@ def environment(device, base, threads, bf16_native=None):
     device, the torch version (and transformers' with a Hugging Face base), the torch threads a job runs with (they
     change the order of float sums), for a bf16 run whether its arithmetic is bf16 or float32 (train.compute_dtype),
     and the code that computes it (a hash of the repository's Python files)."""
-    return dict(device=device, torch=torch.__version__, threads=threads, bf16_native=bf16_native,
+    return dict(device=device, torch=str(torch.__version__), threads=threads, bf16_native=bf16_native,
                 transformers=version("transformers") if base else None, code=CODE_HASH)
 
 

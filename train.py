@@ -26,7 +26,7 @@ import torch
 
 from data.prepare import DataConfig, load_data
 from model import GPT, GPTConfig, load_checkpoint, memorization, perplexity, pick_device, to_dtype, weight_dtype
-from settings import check_range, cli, save_checkpoint, write_json
+from settings import check_range, cli, environment, save_checkpoint, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,11 +248,22 @@ def polish_passes(target_path):
 RECIPE_SKIP = ("out_dir", "device", "force", "log_interval")  # settings that change no trained weight
 
 
+def train_environment(cfg):
+    """What moves the trained weights besides the settings: settings.environment of this process (the device, the
+    torch and transformers versions, the torch threads training runs with, native or emulated bf16 arithmetic)
+    without the code's hash, so that an edit elsewhere keeps the models; the study's rows key on the code and on
+    the target's hash, so a retrained target is measured again."""
+    dev = pick_device(cfg.device)
+    env = environment(dev, cfg.base, torch.get_num_threads(), bf16_native(dev) if cfg.dtype == "bfloat16" else None)
+    return {k: v for k, v in env.items() if k != "code"}
+
+
 def check_settings(out_dir, cfg, dcfg, only=None):
     """Refuses to go on with base/target/retrain checkpoints in out_dir trained with other settings than cfg and
     dcfg (those of RECIPE_SKIP aside; with --base hf:DIR the tokenizer is the base model's own), or, given `only`
-    (names of settings), other values of those: reused, they would give another recipe's numbers under this one's
-    name."""
+    (names of settings), other values of those, or in another train_environment (checkpoints that record one):
+    reused, they would give another recipe's or another machine's numbers under this one's name."""
+    env = train_environment(cfg)
     want = {**{k: v for k, v in asdict(cfg).items() if k not in RECIPE_SKIP},
             **{f"data.{k}": v for k, v in asdict(dcfg).items() if not (k == "tokenizer" and cfg.base)}}
     want = {k: v for k, v in want.items() if only is None or k in only or k.removeprefix("data.") in only}
@@ -269,6 +280,11 @@ def check_settings(out_dir, cfg, dcfg, only=None):
                 raise SystemExit(f"{path} was trained {'from' if k == 'base' else 'with'} {flag} {have.get(k)!r}, "
                                  f"not {v!r}: use another --out_dir, or retrain it (python train.py --force "
                                  f"with the settings you want)")
+        was = ckpt.get("environment", env)
+        if was != env:
+            diff = ", ".join(f"{k} {was.get(k)!r} (here {v!r})" for k, v in env.items() if was.get(k) != v)
+            raise SystemExit(f"{path} was trained with {diff}, and its numbers would differ here: use another "
+                             f"--out_dir, or retrain it (python train.py --force with the settings you want)")
 
 
 def data_config(cfg, dcfg, dev, dtype):
@@ -295,7 +311,7 @@ def train_all(cfg, dcfg):
     data = load_data(dcfg, out)
     summary_path = out / "train.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() and not cfg.force else {}
-    meta = dict(config=asdict(cfg), data=asdict(dcfg), corpora=data.meta["corpora"])
+    meta = dict(config=asdict(cfg), data=asdict(dcfg), corpora=data.meta["corpora"], environment=train_environment(cfg))
     plan = [("base", None, ()), ("target", "base", ("forget", "retain")), ("retrain", "base", ("retain",))]
     for name, parent, splits in plan:
         path = out / f"{name}.pt"

@@ -3,6 +3,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -203,7 +204,8 @@ def test_sigterm_stops_the_workers_and_keeps_what_finished(tiny, tmp_path):
     shutil.copytree(tiny.out_dir, tmp_path / "out")
     argv = study_argv(tmp_path / "out", tmp_path / "fig", workers=2)
     p = subprocess.Popen([sys.executable, "evaluate.py", *argv], cwd=ev.Path(ev.__file__).parent,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # the threads the tiny models were trained with
     for line in p.stdout:  # the first finished stage
         if line.startswith("["):
             break

@@ -61,6 +61,17 @@ def test_retrain_is_the_target_recipe_without_the_forget_set(tiny, tmp_path):
     assert json.loads((tiny.out_dir / "train.json").read_text())["retrain"]["exposures"] == retrain
 
 
+def test_models_trained_in_another_environment_are_refused(tiny, monkeypatch):
+    """The trained models record the threads, versions and device they were trained with (train_environment); on
+    other threads, whose float order gives other weights, the study refuses to reuse them under its name."""
+    _, ckpt = load_checkpoint(tiny.out_dir / "target.pt")
+    assert ckpt["environment"] == T.train_environment(tiny.cfg) and ckpt["environment"]["threads"] == 1
+    T.check_settings(tiny.out_dir, tiny.cfg, tiny.dcfg)  # the same environment: reused
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    with pytest.raises(SystemExit, match=r"trained with threads 1 \(here 3\).*python train.py --force"):
+        T.check_settings(tiny.out_dir, tiny.cfg, tiny.dcfg)
+
+
 def test_no_measurement_feeds_a_position_training_never_fed(tiny):
     """Training feeds seq_len - 1 tokens (a sequence's last token is only a target), so that is the block size:
     every window a measurement feeds (perplexity, GPTQ calibration, output error) has at most that many."""
