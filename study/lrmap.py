@@ -6,7 +6,7 @@ k-step model. Every cell is measured at full precision and at each quantized pre
 (metrics.mechanism) and the recovery law's prediction (metrics.predicted_retained) beside what was measured.
 
 $ python evaluate.py config/smollm2.py     # first: the target, the retrain model and the data, in out_smollm2
-$ python study/lrmap.py                    # -> out_smollm2/lrmap/*.json, out_smollm2/figures/10_lrmap.png, a table
+$ python study/lrmap.py                    # -> out_smollm2/lrmap/map.json, out_smollm2/figures/10_lrmap.png, a table
 $ python study/lrmap.py --methods ga_gdr_sure --lrs 1e-5,2e-5   # SURE: its saliency mask, at 10x each lr
 
 Each (method, lr) is one unlearning run, written atomically to out_dir/lrmap/ when its cells are measured, keyed on
@@ -26,7 +26,7 @@ import model as M  # noqa: E402
 from data.prepare import DataConfig, load_data  # noqa: E402
 import quantize as QC  # noqa: E402
 from evaluate import PRECISIONS, plain  # noqa: E402
-from settings import cli, digest, environment, job_threads, write_json  # noqa: E402
+from settings import cli, cpu_name, digest, environment, job_threads, write_json  # noqa: E402
 from train import bf16_native  # noqa: E402
 from unlearn import RetainConfig, UnlearnConfig, load_target, unlearn  # noqa: E402
 from unlearn_ga import ga_loss  # noqa: E402
@@ -200,6 +200,7 @@ def main(argv=None):
             write_json(ref_path, ref)
         runs = [run(cfg, m, float(lr), ref, dict(base, method=m, lr=float(lr), steps=cfg.steps))
                 for m in methods for lr in cfg.lrs.split(",")]
+    write_json(out / "lrmap" / "map.json", dict(machine=cpu_name(), reference=ref, runs=runs))  # the whole map
     print(table(ref, runs, precisions))
     if cfg.fig_dir:
         print(f"figure: {figure10(ref, runs, precisions, cfg.fig_dir)}")

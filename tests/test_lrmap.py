@@ -50,6 +50,8 @@ def test_map_cells_law_and_cache(study_dir, tmp_path, capsys):
     assert pred == pytest.approx(100 - cell["rtn4"]["kept"] * (100 - ret("full")) * scale)
     assert pred == pytest.approx(metrics.predicted_retained(ret("full"), cell["rtn4"]["kept"], scale))
     assert (tmp_path / "10_lrmap.png").exists()
+    whole = json.loads((study_dir / "lrmap" / "map.json").read_text())
+    assert whole["runs"] == [res] and whole["reference"] == ref and whole["machine"]
     printed = capsys.readouterr().out
     assert "| ga_gdr | 0.001 | 4 |" in printed
     mtime = (study_dir / "lrmap" / "ga_gdr_lr0.001.json").stat().st_mtime_ns
