@@ -103,7 +103,7 @@ def run(cfg, method, lr, ref, key):
     _, stats = unlearn(model, data, ga_loss, ucfg, RetainConfig(retain=parts[1], sure=bool(parts[2:])), pick=pick)
     cells = {str(s): rows(M.to_dtype(kept[s], torch.bfloat16), target, data, cfg.precisions.split(","), cfg.seed)
              for s in steps if s in kept}
-    res = dict(key=key, method=method, lr=lr, stats=stats, cells=plain(cells))
+    res = dict(key=key, method=method, lr=lr, machine=cpu_name(), stats=stats, cells=plain(cells))
     write_json(path, res)
     return res
 
@@ -163,12 +163,12 @@ def figure10(ref, runs, precisions, fig_dir):
                         cell["full"]["forget_exact"], ref["target"]["full"]["forget_exact"]), None)
                     grid[a, b] = got
                     note = f"{got:.0f}" + ("" if pred is None else f"\nlaw {pred:.0f}\nk {num(cell[p].get('kept')):.2f}")
-                    ax.text(b, a, note, ha="center", va="center", fontsize=7)
+                    ax.text(b, a, note, ha="center", va="center", fontsize=7, color="k" if got >= 50 else "w")
             ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
             ax.set_xticks(range(len(steps)), steps)
             ax.set_yticks(range(len(rs)), [f"{r['lr']:g}" for r in rs])
             ax.set_xlabel("steps")
-            ax.set_ylabel("lr")
+            ax.set_ylabel("lr" if j == 0 else "")
             ax.set_title(f"{m} at {p}: retained exact %", fontsize=9)
     return save_png(fig, Path(fig_dir) / "10_lrmap.png")
 
@@ -195,12 +195,13 @@ def main(argv=None):
         if not ref or ref["key"] != base:
             loaded = {n: M.load_checkpoint(out / f"{n}.pt", dev) for n in ("target", "retrain")}
             data = load_data(DataConfig(**loaded["target"][1]["data"]), out)
-            ref = dict(key=base, **{n: plain(rows(M.to_dtype(m, torch.bfloat16), None, data, precisions, cfg.seed))
-                                    for n, (m, _) in loaded.items()})
+            ref = dict(key=base, machine=cpu_name(),
+                       **{n: plain(rows(M.to_dtype(m, torch.bfloat16), None, data, precisions, cfg.seed))
+                          for n, (m, _) in loaded.items()})
             write_json(ref_path, ref)
         runs = [run(cfg, m, float(lr), ref, dict(base, method=m, lr=float(lr), steps=cfg.steps))
                 for m in methods for lr in cfg.lrs.split(",")]
-    write_json(out / "lrmap" / "map.json", dict(machine=cpu_name(), reference=ref, runs=runs))  # the whole map
+    write_json(out / "lrmap" / "map.json", dict(reference=ref, runs=runs))  # the whole map, each part with its CPU
     print(table(ref, runs, precisions))
     if cfg.fig_dir:
         print(f"figure: {figure10(ref, runs, precisions, cfg.fig_dir)}")
