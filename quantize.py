@@ -98,18 +98,14 @@ def quantize_layers(model, layers, method, bits=4, group_size=0, sym=True, windo
 
 def output_error(model, layers, windows, quantize_fn):
     """Runs quantize_fn() (which quantizes layers in place) and returns the mean over layers of the relative output
-    error ‖(W - Q)X‖² / ‖WX‖² on the windows' inputs X to each layer of the unquantized model (via G = XXᵀ)."""
-    G = {n: 0 for n in layers}
-
-    def add(name, X):
-        G[name] = G[name] + X.T @ X
-    layer_inputs(model, layers, windows, add)
+    error ‖X(W - Q)ᵀ‖² / ‖XWᵀ‖² on the windows' inputs X (n, in) to each layer of the unquantized model."""
+    X = {n: [] for n in layers}
+    layer_inputs(model, layers, windows, lambda name, x: X[name].append(x))
+    X = {n: torch.cat(v) for n, v in X.items()}
     W = {n: weight_view(layer).float().clone() for n, layer in layers.items()}
     out = quantize_fn()
-    errs = []
-    for n, layer in layers.items():
-        D = W[n] - weight_view(layer).float()
-        errs.append(((D @ G[n]) * D).sum() / ((W[n] @ G[n]) * W[n]).sum())
+    errs = [(X[n] @ (W[n] - weight_view(layer).float()).T).square().sum() / (X[n] @ W[n].T).square().sum()
+            for n, layer in layers.items()]
     return out, torch.stack(errs).mean().item()
 
 # ----------------------------------------------------------------------------------------------------------------
