@@ -296,7 +296,8 @@ def main(argv=None):
     train = not all((out / f"{n}.pt").exists() for n in ("target", "retrain"))
     run = [m for m in methods if cfg.force or train or made(cfg, m) is None]  # missing, or made otherwise
     todo = {n: [p for p in precisions if cfg.force or n in run or cached(cfg, n, p) is None] for n in models}
-    progress = Progress(workers, train=int(train), method=len(run), row=sum(map(len, todo.values())))
+    guess = Progress.GUESS["hf" if cfg.base.startswith("hf:") else "gpt"]
+    progress = Progress(workers, guess, train=int(train), method=len(run), row=sum(map(len, todo.values())))
     print(f"study: {'training base/target/retrain, ' if train else ''}{len(run)} of {len(methods)} methods to run, "
           f"{progress.todo['row']} of {len(models) * len(precisions)} rows to measure, {workers} worker(s); "
           f"logs in {out / 'logs'}" + (f" (tail -f {out / 'logs' / 'train.log'} follows training)" if train else ""),

@@ -231,17 +231,18 @@ def jobs(pool, fn, args, threads):
 
 class Progress:
     """A line per finished stage: the time since the start, and what is left, estimated from the mean time of the
-    units of each kind done so far (before the first one, a guess from one CPU core at the default settings),
-    the methods and rows shared among the workers."""
-    GUESS = dict(train=300.0, method=10.0, row=2.0)
+    units of each kind done so far (before the first one, `guess`: GUESS's toy GPT or real model at its default
+    settings, on 2 CPU cores: RESULTS.md, sections 1a and 4), the methods and rows shared among the workers."""
+    GUESS = dict(gpt=dict(train=300.0, method=10.0, row=2.0), hf=dict(train=600.0, method=270.0, row=18.0))
 
-    def __init__(self, workers, **todo):
-        self.t0, self.workers, self.todo, self.spent = time.time(), workers, todo, {k: [] for k in todo}
+    def __init__(self, workers, guess, **todo):
+        self.t0, self.workers, self.guess, self.todo = time.time(), workers, guess, todo
+        self.spent = {k: [] for k in todo}
 
     def done(self, kind, what, seconds, n=1):
         self.todo[kind] = max(0, self.todo[kind] - n)
         self.spent[kind] += [seconds / n] * n
-        each = {k: sum(v) / len(v) if v else self.GUESS[k] for k, v in self.spent.items()}
+        each = {k: sum(v) / len(v) if v else self.guess[k] for k, v in self.spent.items()}
         left = sum(n * each[k] / (1 if k == "train" else self.workers) for k, n in self.todo.items())
         print(f"[{time.time() - self.t0:5.0f}s] {what} ({seconds:.1f}s) | ~{left:.0f}s left", flush=True)
         return round(seconds, 2)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import cli
+from settings import Progress, cli
 from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,3 +70,13 @@ def test_every_settings_class_checks_its_ranges(capsys):
 def test_bad_command_lines_end_in_a_message_not_a_traceback(tmp_path, cmd, message):
     r = subprocess.run([sys.executable, *cmd, "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_progress_guesses_from_the_real_models_units_until_one_is_done(capsys):
+    """Before any row is done the time left is the guess per row (GUESS's real model: 18 s, so 15 rows are 270 s);
+    after one, the measured mean."""
+    p = Progress(1, Progress.GUESS["hf"], method=1, row=15)
+    p.done("method", "ga_gdr", 250.0)
+    assert capsys.readouterr().out.endswith("| ~270s left\n")
+    p.done("row", "target", 100.0, n=5)
+    assert capsys.readouterr().out.endswith("| ~200s left\n")
