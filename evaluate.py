@@ -332,7 +332,7 @@ def main(argv=None):
     rows = [c["row"] for c in cache.values()]
     summary = relative(rows, precisions)
     matched = metrics.damage_matched({r["precision"]: r["verbmem_forget"] for r in rows if r["model"] == "target"})
-    seconds.update(rows=round(time.time() - t_rows, 2),
+    seconds.update(methods_and_rows=round(time.time() - t_rows, 2),  # one span: with workers they overlap
                    per_row={f"{n}_{p}": c["seconds"] for (n, p), c in cache.items()})
 
     _, target_ckpt = M.load_checkpoint(out / "target.pt")

@@ -30,6 +30,7 @@ def test_study_writes_every_key_and_the_figures(study, tmp_path):
     assert meta["seed"] == 1337 and {"python", "torch"} <= set(meta["versions"])
     assert meta["corpora"]["book"] == "file book.txt"
     assert set(meta["seconds"]["methods"]) == {"ga", "npo", "ga_gdr"} and meta["rows_measured"] == 10
+    assert meta["seconds"]["methods_and_rows"] >= sum(meta["seconds"]["methods"].values())  # one worker
     assert {"platform", "cpu_count", "device"} <= set(meta["machine"])
     rows = {(r["model"], r["precision"]): r for r in res["rows"]}
     assert list(rows) == list(itertools.product(MODELS, PRECS))
