@@ -2,7 +2,8 @@
 The real-model study (RESULTS.md, section 1): SmolLM2-135M fine-tuned in float32 past exact recall of 16 bios and
 released in bf16, unlearned by GA+GDR in pure bf16 at three times the paper's learning rate for 100 steps (the cell
 of the lr x steps map, RESULTS.md 1e, with the same lr x steps as 2e-5 x 150, in two thirds of the time), read at
-the per-channel precisions that bracket its own 4-bit damage and at FP4 (bitsandbytes' load_in_4bit default).
+int8, RTN per channel at 6 and 5 bits (where the target keeps most of its memorization) and FP4 (bitsandbytes'
+load_in_4bit default).
 
 $ python evaluate.py config/smollm2.py                         # one seed
 $ python evaluate.py config/smollm2.py --seeds 1337,1338,1339  # flags after the config win over it
