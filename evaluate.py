@@ -208,16 +208,20 @@ def measure_model(cfg, name, precisions):
     target, ckpt = M.load_checkpoint(out / "target.pt", dev)
     data = load_data(DataConfig(**ckpt["data"]), out)
     target, model = M.to_dtype(target, dtype), M.to_dtype(M.load_checkpoint(out / f"{name}.pt", dev)[0], dtype)
+    references = {}  # lm_head -> the output error's reference: the model's own, so one for all its precisions
     for p in precisions:
         t, qmodel, qcfg, quant = time.time(), M.to_dtype(copy.deepcopy(model), torch.float32), PRECISIONS[p], {}
         row = dict(model=name, precision=p)
         if qcfg is not None:
-            _, quant = QC.quantize_with(qmodel, replace(qcfg, seed=cfg.seed), data)
+            qcfg = replace(qcfg, seed=cfg.seed)
+            if qcfg.lm_head not in references:
+                references[qcfg.lm_head] = QC.heldout_reference(qmodel, qcfg, data)
+            _, quant = QC.quantize_with(qmodel, qcfg, data, references[qcfg.lm_head])
             row["quant_error"] = quant["rel_output_error"]  # mean relative output error of the Linears
         row.update(metrics.measure(qmodel, data, cfg.el_stride if qcfg is None else 0, cfg.top_k))
         if quant and quant["method"] in QC.CALIBRATED and name in METHODS:  # kept from Q(θ_o), made the same way
             qtarget = M.to_dtype(copy.deepcopy(target), torch.float32)
-            QC.quantize_with(qtarget, replace(qcfg, seed=cfg.seed), data)
+            QC.quantize_with(qtarget, qcfg, data)
             mech = metrics.update_kept(target, model, qtarget, qmodel, quant["lm_head"])
             row.update(mech_moved=mech["moved"], mech_kept=mech["kept"])
         elif quant and name in METHODS:

@@ -295,29 +295,21 @@ RATIO_BINS = (0, 0.125, 0.25, 0.5, 1, 2, float("inf"))  # edges of the |δ|/Δ h
 
 
 def grid(W, quant):
-    """(code, Δ) of each weight of W (out, in) under quant (quantize.py's block: method, bits,
-    group_size, sym). rtn: the integer code and its row/group's step (quantize.rtn). nf4/fp4: the
-    codebook level (so fp4's −0 and 0 are one code) and Δ = block absmax × the gap between the two
-    levels around w/absmax."""
+    """(code, Δ, Q(W)) of each weight of W (out, in) under quant (quantize.py's block: method, bits, group_size, sym),
+    Q(W) quantized and dequantized. rtn: the integer code and its row/group's step (quantize.rtn). nf4/fp4: the
+    codebook level (so fp4's −0 and 0 are one code) and Δ = block absmax × the gap between the two levels around
+    w/absmax."""
     if quant["method"] in Q.CODEBOOKS:
         levels, bs = Q.CODEBOOKS[quant["method"]].to(W.device), 64  # bitsandbytes' block size
         codes, absmax = Q.codebook_quantize(W, levels, bs)
         a = absmax.repeat_interleave(bs)[:W.numel()].view(W.shape)
         lv = levels.unique()  # sorted, −0 and 0 merged
         j = torch.bucketize(W / a, lv).clamp(1, len(lv) - 1)
-        return levels[codes], a * (lv[j] - lv[j - 1])
+        return levels[codes], a * (lv[j] - lv[j - 1]), Q.codebook_dequantize(codes, absmax, levels, bs)
     Q.check(quant["method"], quant["bits"])
-    codes, scale, _ = Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"], quant.get("absmax", False))
-    return codes, scale[:, Q.group_of(W.shape[1], quant["group_size"], W.device)]
-
-
-def rounded(W, quant):
-    """Q(W): W (out, in) quantized and dequantized by rtn or a codebook, as quant (quantize.py's block) says."""
-    if quant["method"] in Q.CODEBOOKS:
-        levels = Q.CODEBOOKS[quant["method"]]
-        return Q.codebook_dequantize(*Q.codebook_quantize(W, levels), levels)
-    return Q.dequantize(*Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"], quant.get("absmax", False)),
-                        quant["group_size"])
+    codes, scale, zero = Q.rtn(W, quant["bits"], quant["group_size"], quant["sym"], quant.get("absmax", False))
+    step = scale[:, Q.group_of(W.shape[1], quant["group_size"], W.device)]
+    return codes, step, Q.dequantize(codes, scale, zero, quant["group_size"])
 
 
 @torch.no_grad()
@@ -340,14 +332,14 @@ def mechanism(theta_o, theta_u, quant):
     layers_u = Q.quantized_layers(theta_u, lm_head)
     for name, layer in Q.quantized_layers(theta_o, lm_head).items():
         w_o, w_u = Q.weight_view(layer).float(), Q.weight_view(layers_u[name]).float()  # (out, in), as quantized
-        (c_o, step), (c_u, _) = grid(w_o, quant), grid(w_u, quant)
+        (c_o, step, q_o), (c_u, _, q_u) = grid(w_o, quant), grid(w_u, quant)
         ratio = (w_u - w_o).abs() / step
         edges = torch.tensor(RATIO_BINS[1:-1], device=ratio.device)
         hist = torch.bincount(torch.bucketize(ratio.flatten(), edges, right=True), minlength=len(RATIO_BINS) - 1)
         moved, same, delta = w_u != w_o, c_u == c_o, (w_u - w_o).double()
         res[name] = dict(n=w_o.numel(), hist=hist.tolist(), moved=int(moved.sum()),
                          same=int(same.sum()), same_moved=int((same & moved).sum()),
-                         kept=((rounded(w_u, quant) - rounded(w_o, quant)).double() * delta).sum().item(),
+                         kept=((q_u - q_o).double() * delta).sum().item(),
                          norm=(delta * delta).sum().item())
     tot = {k: sum(r[k] for r in res.values()) for k in ("n", "moved", "same", "same_moved", "kept", "norm")}
     tot["hist"] = torch.tensor([r["hist"] for r in res.values()]).sum(0).tolist()

@@ -96,15 +96,21 @@ def quantize_layers(model, layers, method, bits=4, group_size=0, sym=True, windo
     return {n: records[n] for n in layers}
 
 
-def output_error(model, layers, windows, quantize_fn):
-    """Runs quantize_fn() (which quantizes layers in place) and returns the mean over layers of the relative output
-    error ‖X(W - Q)ᵀ‖² / ‖XWᵀ‖² on the windows' inputs X (n, in) to each layer of the unquantized model."""
+def output_reference(model, layers, windows):
+    """What output_error compares against: each layer's inputs X (n, in) on the windows in the unquantized model and
+    its output's ‖XWᵀ‖². One forward pass; the same for every quantizer of one model (evaluate.py reads several)."""
     X = {n: [] for n in layers}
     layer_inputs(model, layers, windows, lambda name, x: X[name].append(x))
     X = {n: torch.cat(v) for n, v in X.items()}
+    return {n: (X[n], (X[n] @ weight_view(layer).float().T).square().sum()) for n, layer in layers.items()}
+
+
+def output_error(layers, reference, quantize_fn):
+    """Runs quantize_fn() (which quantizes layers in place) and returns the mean over layers of the relative output
+    error ‖X(W - Q)ᵀ‖² / ‖XWᵀ‖² on the inputs X of each layer of the unquantized model (output_reference)."""
     W = {n: weight_view(layer).float().clone() for n, layer in layers.items()}
     out = quantize_fn()
-    errs = [(X[n] @ (W[n] - weight_view(layer).float()).T).square().sum() / (X[n] @ W[n].T).square().sum()
+    errs = [(reference[n][0] @ (W[n] - weight_view(layer).float()).T).square().sum() / reference[n][1]
             for n, layer in layers.items()]
     return out, torch.stack(errs).mean().item()
 
@@ -208,10 +214,16 @@ def calibration_text(data, calib):
     return seqs.x[seqs.mask]  # row by row: the sequences end to end, without their padding
 
 
-def quantize_with(model, cfg, data):
+def heldout_reference(model, cfg, data):
+    """output_reference of the layers cfg quantizes, on 8 windows of held-out general text drawn with cfg.seed."""
+    windows = calibration_windows(data.general_val, 8, model.config.block_size, cfg.seed)
+    return output_reference(model, quantized_layers(model, cfg.lm_head), windows)
+
+
+def quantize_with(model, cfg, data, reference=None):
     """Quantizes a GPT in place with a QuantConfig: GPTQ and AWQ calibrated on cfg.calib's text (calibration_text;
     never the forget set); returns the records and the quant block, with the seconds it took and the mean relative
-    output error on held-out general text."""
+    output error on held-out general text (against reference, heldout_reference(model, cfg, data) if None)."""
     T, windows = model.config.block_size, None
     if cfg.method in CALIBRATED:
         windows = calibration_windows(calibration_text(data, cfg.calib), cfg.nsamples, T, cfg.seed)
@@ -220,8 +232,9 @@ def quantize_with(model, cfg, data):
         t0 = time.time()
         return quantize_layers(model, quantized_layers(model, cfg.lm_head), cfg.method, cfg.bits, cfg.group_size,
                                cfg.sym, windows, cfg.actorder, cfg.absmax, cfg.clip), time.time() - t0
-    heldout = calibration_windows(data.general_val, 8, T, cfg.seed)
-    (records, seconds), err = output_error(model, quantized_layers(model, cfg.lm_head), heldout, run)
+    if reference is None:
+        reference = heldout_reference(model, cfg, data)
+    (records, seconds), err = output_error(quantized_layers(model, cfg.lm_head), reference, run)
     calibration = dict(source=cfg.calib, nsamples=cfg.nsamples, tokens=T, seed=cfg.seed)
     quant = dict(method=cfg.method, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, absmax=cfg.absmax,
                  actorder=cfg.actorder, clip=cfg.clip and cfg.method == "awq", lm_head=cfg.lm_head,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import metrics
+import quantizers
 import model as M
 from data.prepare import Seqs
 from model import GPT, GPTConfig, block_linears, score
@@ -212,6 +213,19 @@ def test_knowmem_prompt_and_score():
 RTN4 = dict(method="rtn", bits=4, group_size=0, sym=True)
 
 
+@pytest.mark.parametrize("quant", [RTN4, dict(RTN4, bits=5, group_size=8, sym=False),
+                                   dict(method="fp4", bits=4, group_size=0, sym=True)])
+def test_grid_rounds_as_the_quantizer_does(quant):
+    """The mechanism's Q(W) is the model's quantized weight itself, and each weight inside its row's levels sits
+    within half a step of it (Eq. 2's symmetric grid clips the largest positive weight by a step)."""
+    W = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    code, step, rounded = metrics.grid(W, quant)
+    Qw, _ = quantizers.quantize_weight(W, quant["method"], quant["bits"], quant["group_size"], quant["sym"])
+    assert torch.equal(rounded, Qw) and code.shape == step.shape == W.shape
+    inside = (W >= rounded.amin(1, keepdim=True)) & (W <= rounded.amax(1, keepdim=True))
+    assert inside.float().mean() > 0.9 and ((W - rounded).abs() <= step / 2 + 1e-6)[inside].all()
+
+
 def test_mechanism_on_identical_and_crafted_weights():
     theta_o = tiny_gpt()
     for quant in (RTN4, dict(RTN4, group_size=8, sym=False), dict(method="nf4", bits=4, group_size=0, sym=True)):
@@ -265,7 +279,7 @@ def test_update_kept_reads_the_rounded_update_off_the_quantized_models():
     q_o, q_u = (copy.deepcopy(m) for m in (theta_o, theta_u))  # RTN: the same number as the mechanism's
     for q in (q_o, q_u):
         for layer in block_linears(q).values():
-            layer.weight.data = metrics.rounded(layer.weight.data, RTN4)
+            layer.weight.data = metrics.grid(layer.weight.data, RTN4)[2]
     assert metrics.update_kept(theta_o, theta_u, q_o, q_u)["kept"] == pytest.approx(
         metrics.mechanism(theta_o, theta_u, RTN4)["all"]["kept"], rel=1e-6)
 

@@ -246,7 +246,8 @@ def test_relative_output_error_by_hand():
     def shrink():  # Q = 0.9·W, so ‖(W - Q)X‖² / ‖WX‖² = 0.01 whatever X is
         layer.weight.data *= 0.9
         return "records"
-    assert QC.output_error(layer, {"layer": layer}, x, shrink) == ("records", pytest.approx(0.01))
+    reference = QC.output_reference(layer, {"layer": layer}, x)
+    assert QC.output_error({"layer": layer}, reference, shrink) == ("records", pytest.approx(0.01))
 
 
 def test_gptq_beats_rtn_on_every_layer_of_the_tiny_target_on_real_text(tiny):
