@@ -60,7 +60,7 @@ from unlearn import METHODS
 PRECISIONS = {"full": None, **{QC.quant_name(q): q for q in (QC.QuantConfig(method=m, bits=b, **kw) for m, b, kw in (
     ("rtn", 8, dict(absmax=True)), ("rtn", 4, {}), ("gptq", 4, {}), ("nf4", 4, {}), ("fp4", 4, {}),
     ("rtn", 8, {}), ("rtn", 6, {}), ("rtn", 5, {}), ("gptq", 6, {}), ("awq", 4, {}), ("awq", 6, {}),
-    ("gptq", 4, dict(calib="retain")), ("awq", 4, dict(calib="retain")),
+    ("gptq", 5, {}), ("awq", 5, {}), *((m, b, dict(calib="retain")) for b in (4, 5) for m in ("gptq", "awq")),
     ("rtn", 4, dict(sym=False)), ("gptq", 4, dict(group_size=128)),
     *(("rtn", 4, dict(group_size=g, sym=s)) for g in (32, 64, 128) for s in (True, False))))}}
 # block Linears only; per output channel and symmetric (the paper's Eq. 2) unless the name says _asym (min-max) or
