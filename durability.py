@@ -37,7 +37,7 @@ import metrics
 import model as M
 from data.prepare import DataConfig, load_data
 from settings import check_range, digest, environment, write_json
-from train import adamw, bf16_native, compute_dtype
+from train import adamw, bf16_arithmetic, bf16_native
 from unlearn import ce_loss
 
 ATTACKS = ("forget_half", "retain", "general")
@@ -132,8 +132,9 @@ def measure_half(model, data, seqs):
 
 
 def relearn(model, data, attack, cfg, seed, dtype=torch.float32):
-    """One attack on a copy of the model, its weights stored in dtype (train.adamw): {k: the metrics of the measured
-    half after k steps} for k in schedule."""
+    """One attack on a copy of the model, its weights stored in dtype (train.adamw; bf16 arithmetic in
+    train.bf16_arithmetic, which relearn_model enters): {k: the metrics of the measured half after k steps} for k in
+    schedule."""
     attack_half, measured = halves(data, seed)
     ks = schedule(epoch_size(attack, data, attack_half), cfg.relearn_batch)
     steps = attack_epoch(attack, data, attack_half, cfg.relearn_batch, torch.Generator().manual_seed(seed))
@@ -168,8 +169,8 @@ def relearn_model(cfg, rcfg, name):
     model, ckpt = M.load_checkpoint(out / f"{name}.pt", dev)
     data = load_data(DataConfig(**ckpt["data"]), out)
     dtype = M.weight_dtype(cfg.dtype)
-    model = M.to_dtype(model, compute_dtype(dtype, dev))
-    curves = {a: relearn(model, data, a, rcfg, cfg.seed, dtype) for a in ATTACKS}
+    with bf16_arithmetic(dev, dtype == torch.bfloat16):
+        curves = {a: relearn(M.to_dtype(model, dtype), data, a, rcfg, cfg.seed, dtype) for a in ATTACKS}
     write_json(path, dict(key=key, curves=curves, seconds=round(time.time() - t, 2)))
     return json.loads(path.read_text())["curves"]  # as read back: k as a string, the same as from the cache
 

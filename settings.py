@@ -107,8 +107,9 @@ def cpu_name():
 def environment(device, base, threads, bf16_native=None):
     """What moves a result besides its settings and the checkpoints it reads, for the study's caches to key on: the
     device, the torch version (and transformers' with a Hugging Face base), the torch threads a job runs with (they
-    change the order of float sums), for a bf16 run whether its arithmetic is bf16 or float32 (train.compute_dtype),
-    and the code that computes it (a hash of the repository's Python files)."""
+    change the order of float sums), for a bf16 run whether its matmuls are the hardware's or float32 ones rounded
+    to bf16 (train.bf16_arithmetic: the same numbers up to float order), and the code that computes it (a hash of
+    the repository's Python files)."""
     return dict(device=device, torch=str(torch.__version__), threads=threads, bf16_native=bf16_native,
                 transformers=version("transformers") if base else None, code=CODE_HASH)
 

@@ -15,6 +15,7 @@ With --base hf:..., the data are tokenized with that model's tokenizer, --n_laye
 not used, and its decoder layers are what the quantizers, SURE and MemFlex see. The default --tune_lr trains a GPT
 from scratch; a pretrained model wants one 10-100x smaller.
 """
+import contextlib
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data.prepare import DataConfig, load_data
 from model import GPT, GPTConfig, load_checkpoint, memorization, perplexity, pick_device, to_dtype, weight_dtype
@@ -30,7 +32,7 @@ from settings import check_range, cli, environment, save_checkpoint, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# pure bf16 at float32 speed: bf16 storage, with the arithmetic in bf16 only where the hardware does it fast
+# pure bf16 at float32 speed: bf16 weights and arithmetic, the matmuls in float32 where bf16 ones are slow
 
 @functools.lru_cache
 def bf16_native(device):
@@ -58,36 +60,34 @@ def bf16_native(device):
         torch.set_num_threads(threads)
 
 
-def compute_dtype(dtype, device):
-    """The dtype a model of storage dtype `dtype` computes in: bf16 where bf16_native, else float32, whose numbers
-    hold bf16 values exactly (adamw rounds them back after every step)."""
-    return torch.float32 if dtype == torch.bfloat16 and not bf16_native(device) else dtype
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+           torch.ops.aten.baddbmm.default}
 
 
-def store_bf16(opt, args=None, kwargs=None):
-    """Rounds every parameter of the optimizer and its state (AdamW's two moments; not the step count) to the
-    nearest bf16 number, in place: what a pure-bf16 step stores. An update below half a bf16 spacing is lost, as
-    in pure bf16 (a model loaded in bf16 and trained with no float32 master copy, the paper's setting)."""
-    with torch.no_grad():
-        for group in opt.param_groups:
-            for p in group["params"]:
-                p.copy_(p.bfloat16())
-                for k, v in opt.state[p].items():
-                    if k != "step" and torch.is_tensor(v) and v.is_floating_point():
-                        v.copy_(v.bfloat16())
+class Bf16Matmuls(TorchDispatchMode):
+    """bf16 arithmetic at float32 speed where bf16 matmuls are slow: every matmul of bf16 tensors, forward and
+    backward (the mode sees each aten op autograd runs), is computed in float32 on the bf16 numbers and its result
+    rounded to bf16 once. That is what a bf16 matmul kernel computes (products exact in float32, float32 sums, one
+    rounding), up to the order of the sums; every other op stays in bf16, as natively. On a CPU without AVX512-BF16
+    or AMX, torch emulates bf16 matmuls about 30x slower than float32, and they are 98% of a SmolLM2 step's time."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS and any(torch.is_tensor(a) and a.dtype == torch.bfloat16 for a in args):
+            return func(*(a.float() if torch.is_tensor(a) else a for a in args), **(kwargs or {})).bfloat16()
+        return func(*args, **(kwargs or {}))
+
+
+def bf16_arithmetic(device, on=True):
+    """The context that bf16 arithmetic runs in on the device: the hardware's own where bf16_native, else
+    Bf16Matmuls (when `on`: a float32 run needs neither)."""
+    return Bf16Matmuls() if on and not bf16_native(str(device)) else contextlib.nullcontext()
 
 
 def adamw(params, dtype, **kw):
     """torch's AdamW for parameters stored in dtype. For bf16 storage it is torch's fused AdamW, which computes each
-    element's update in float32 and rounds it to bf16 once, where the per-tensor loop (torch's CPU default) rounds
-    every intermediate in bf16; so float32 parameters stored as bf16 (compute_dtype), rounded back after each step
-    (store_bf16), store the same numbers as a native bf16 step from the same gradients (tests/test_train.py).
-    float32 storage keeps torch's default."""
-    params = list(params)
-    opt = torch.optim.AdamW(params, **kw, fused=True if dtype == torch.bfloat16 else None)
-    if dtype == torch.bfloat16 and any(p.dtype == torch.float32 for p in params):
-        opt.register_step_post_hook(store_bf16)
-    return opt
+    element's update in float32 and rounds it to bf16 once (the same numbers on any CPU), where the per-tensor loop
+    (torch's CPU default) rounds every intermediate in bf16. float32 storage keeps torch's default."""
+    return torch.optim.AdamW(list(params), **kw, fused=True if dtype == torch.bfloat16 else None)
 
 
 @dataclass
@@ -151,7 +151,8 @@ def exposure_order(data, n_mem, epochs, gen, polish=0):
 def memorized(model, data, splits, kinds=("book", "facts")):
     """The lowest exact match over the memorized kinds of text (secrets are memorized by degrees on purpose, each
     seen 1 to 128 times) and the splits: what the target's polish phase raises to --until_exact."""
-    res = memorization(model.eval(), data, splits, by_kind=True)["by_kind"]
+    with bf16_arithmetic(next(model.parameters()).device, next(model.parameters()).dtype == torch.bfloat16):
+        res = memorization(model.eval(), data, splits, by_kind=True)["by_kind"]
     model.train()
     return min(res[k][f"{s}_exact"] for k in kinds if k in res for s in splits)
 
@@ -174,7 +175,8 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None)
     arithmetic: with --amp, float32 weights and AdamW (the master copy) and the forward pass in bf16 (torch.autocast,
     as mixed-precision training does) where bf16_native, else float32 as without it."""
     dev, T = next(model.parameters()).device, data.config["seq_len"]
-    amp = cfg.amp and next(model.parameters()).dtype == torch.float32 and bf16_native(str(dev))
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    amp = cfg.amp and not bf16 and bf16_native(str(dev))
     opt = adamw(model.parameters(), weight_dtype(cfg.dtype), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     n_mem = int(cfg.batch_size * cfg.mem_frac) if memorize else 0
     batches, passes, pool = exposure_order(data, n_mem, cfg.tune_epochs, gen, cfg.max_polish) if memorize else (
@@ -197,12 +199,13 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None)
             mx = mem_x[pick]
             my = torch.where(torch.arange(1, T)[None] < mem_len[pick, None], mx[:, 1:], -1)
             x, y = torch.cat([x, mx[:, :-1]]), torch.cat([y, my])
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            _, loss = model(x.to(dev), y.to(dev))
-        if not torch.isfinite(loss):
-            raise SystemExit(f"{name}: loss is {loss.item()} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with bf16_arithmetic(dev, bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                _, loss = model(x.to(dev), y.to(dev))
+            if not torch.isfinite(loss):
+                raise SystemExit(f"{name}: loss is {loss.item()} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return loss
@@ -304,7 +307,7 @@ def train_all(cfg, dcfg):
     """Trains base -> target and base -> retrain, skipping checkpoints that exist (unless --force). With --base
     hf:DIR the base is the pretrained model itself, saved as base.pt without training."""
     out, dev, dtype = Path(cfg.out_dir), pick_device(cfg.device), weight_dtype(cfg.dtype)
-    compute, stored = compute_dtype(dtype, dev), weight_dtype(cfg.save_dtype or cfg.dtype)
+    stored = weight_dtype(cfg.save_dtype or cfg.dtype)
     if not cfg.force:
         check_settings(out, cfg, dcfg)
     dcfg = data_config(cfg, dcfg, dev, dtype)
@@ -322,20 +325,21 @@ def train_all(cfg, dcfg):
         torch.manual_seed(cfg.seed)
         if parent is None and cfg.base:  # the pretrained model, untouched: it has seen none of the corpora
             import pretrained
-            model, seen = pretrained.load_base(dcfg.tokenizer, data.config["seq_len"] - 1, dev, compute), {}
+            model, seen = pretrained.load_base(dcfg.tokenizer, data.config["seq_len"] - 1, dev, dtype), {}
         elif parent is None:
             gcfg = GPTConfig(block_size=data.config["seq_len"] - 1, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd)
-            model, seen = train(to_dtype(GPT(gcfg).to(dev), compute), data, cfg, cfg.base_lr,
+            model, seen = train(to_dtype(GPT(gcfg).to(dev), dtype), data, cfg, cfg.base_lr,
                                 torch.Generator().manual_seed(cfg.seed), name, steps=cfg.base_steps)
         else:  # target and retrain: the same generator, so the same order and general windows (see train)
-            model = to_dtype(load_checkpoint(out / f"{parent}.pt", dev)[0], compute)
+            model = to_dtype(load_checkpoint(out / f"{parent}.pt", dev)[0], dtype)
             polish = None if name == "target" else polish_passes(out / "target.pt")
             model, seen = train(model.train(), data, cfg, cfg.tune_lr, torch.Generator().manual_seed(cfg.seed + 1),
                                 name, memorize=splits, polish=polish)
         model = to_dtype(model, stored).eval()  # what is measured is what is released
-        stats = memorization(model, data, by_kind=True)
-        stats["holdout_ppl"] = perplexity(model, data.general_val)
+        with bf16_arithmetic(dev, stored == torch.bfloat16):
+            stats = memorization(model, data, by_kind=True)
+            stats["holdout_ppl"] = perplexity(model, data.general_val)
         stats["seconds"], stats["exposures"] = round(time.time() - t0, 1), seen
         save_checkpoint(path, model, kind=name, metrics=stats, **meta)
         summary[name] = stats

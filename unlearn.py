@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from data.prepare import DataConfig, load_data
 from model import block_linears, memorization, perplexity, pick_device, score, to_dtype, weight_dtype
 from settings import check_range, save_checkpoint, write_json
-from train import adamw, compute_dtype, load_or_train
+from train import adamw, bf16_arithmetic, load_or_train
 
 METHODS = {  # method (its checkpoint is out/<method>.pt) -> the command that makes it
     "ga": "unlearn_ga", "ga_gdr": "unlearn_ga --retain gdr", "ga_klr": "unlearn_ga --retain klr",
@@ -129,39 +129,40 @@ def unlearn(model, data, forget_loss, cfg, rcfg=RetainConfig(), mask=None, pick=
     it is given (or when rcfg.sure computes one, then with lr x10); every other parameter is frozen, not merely
     given a zero gradient, so it stays bit-identical. pick(model, forget) -> indices to draw the step's batch from,
     or None to stop. Returns (model, stats); a NaN/inf loss stops the run."""
-    t0 = time.time()
-    forget, retain = data.split("forget"), data.split("retain")
-    reg, lr = retain_term(rcfg.retain, model), cfg.lr
-    if rcfg.sure:
-        mask, lr = sure_mask(saliency(model, forget, forget_loss), rcfg.sure_gamma), 10 * cfg.lr
-    if mask is not None:
-        model.requires_grad_(False)
-        for n, m in block_linears(model).items():
-            m.weight.requires_grad_(n in mask)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, weight_dtype(cfg.dtype), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for step in range(cfg.steps + 1):  # pick sees the weights once more after the last step
-        pool = torch.arange(len(forget)) if pick is None else pick(model, forget)
-        stopped = "target reached" if pool is None else "steps" if step == cfg.steps else None
-        if stopped:
-            break
-        batch = forget.select(pool[torch.randperm(len(pool), generator=gen)[:cfg.batch_size]])
-        losses = {"forget": forget_loss(model, batch)}
-        if reg is not None:
-            losses["retain"] = reg(model, retain.select(torch.randperm(len(retain), generator=gen)[:cfg.batch_size]))
-        for name, v in losses.items():
-            if not torch.isfinite(v):
-                raise SystemExit(f"step {step}: the {name} loss is {v.item()}; stopped, nothing saved. "
-                                 f"Lower --lr (now {lr:g}).")
-        opt.zero_grad(set_to_none=True)
-        (losses["forget"] + rcfg.alpha * losses.get("retain", 0.0)).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % cfg.log_interval == 0:
-            ma = score(model, forget)["ma"].mean().item()
-            print(f"step {step:4d} | " + " | ".join(f"{k} loss {v.item():.3f}" for k, v in losses.items())
-                  + f" | forget MA {ma:.3f} | {time.time() - t0:.1f}s")
+    with bf16_arithmetic(next(model.parameters()).device, weight_dtype(cfg.dtype) == torch.bfloat16):
+        t0 = time.time()
+        forget, retain = data.split("forget"), data.split("retain")
+        reg, lr = retain_term(rcfg.retain, model), cfg.lr
+        if rcfg.sure:
+            mask, lr = sure_mask(saliency(model, forget, forget_loss), rcfg.sure_gamma), 10 * cfg.lr
+        if mask is not None:
+            model.requires_grad_(False)
+            for n, m in block_linears(model).items():
+                m.weight.requires_grad_(n in mask)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = adamw(params, weight_dtype(cfg.dtype), lr=lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for step in range(cfg.steps + 1):  # pick sees the weights once more after the last step
+            pool = torch.arange(len(forget)) if pick is None else pick(model, forget)
+            stopped = "target reached" if pool is None else "steps" if step == cfg.steps else None
+            if stopped:
+                break
+            batch = forget.select(pool[torch.randperm(len(pool), generator=gen)[:cfg.batch_size]])
+            losses = {"forget": forget_loss(model, batch)}
+            if reg is not None:
+                losses["retain"] = reg(model, retain.select(torch.randperm(len(retain), generator=gen)[:cfg.batch_size]))
+            for name, v in losses.items():
+                if not torch.isfinite(v):
+                    raise SystemExit(f"step {step}: the {name} loss is {v.item()}; stopped, nothing saved. "
+                                     f"Lower --lr (now {lr:g}).")
+            opt.zero_grad(set_to_none=True)
+            (losses["forget"] + rcfg.alpha * losses.get("retain", 0.0)).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if step % cfg.log_interval == 0:
+                ma = score(model, forget)["ma"].mean().item()
+                print(f"step {step:4d} | " + " | ".join(f"{k} loss {v.item():.3f}" for k, v in losses.items())
+                      + f" | forget MA {ma:.3f} | {time.time() - t0:.1f}s")
     model.requires_grad_(True)
     return model, dict(steps=step, seconds=round(time.time() - t0, 2), stopped=stopped, lr=lr,
                        trained=sorted(mask) if mask is not None else "all", compute=str(params[0].dtype)[6:])
@@ -172,13 +173,12 @@ def unlearn(model, data, forget_loss, cfg, rcfg=RetainConfig(), mask=None, pick=
 
 def load_target(cfg):
     """(model, data): out_dir/target.pt in the requested dtype (trained first if missing) and the data it was
-    trained on. A bf16 model computes in float32 where bf16 arithmetic is slow (train.compute_dtype); its optimizer
-    stores bf16 all the same (train.adamw)."""
+    trained on."""
     dtype = weight_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed)
     dev = pick_device(cfg.device)
     model, ckpt = load_or_train("target", cfg.out_dir, dev)
-    return to_dtype(model, compute_dtype(dtype, dev)), load_data(DataConfig(**ckpt["data"]), cfg.out_dir)
+    return to_dtype(model, dtype), load_data(DataConfig(**ckpt["data"]), cfg.out_dir)
 
 
 def method_name(base, rcfg):
@@ -193,9 +193,9 @@ def method_name(base, rcfg):
 def save_result(method, model, data, stats, *cfgs):
     """Measures the unlearned model and writes out_dir/<method>.pt and out_dir/<method>.json, both atomically."""
     config = {k: v for c in cfgs for k, v in asdict(c).items()}
-    model = to_dtype(model, weight_dtype(config["dtype"]))  # stored as trained: a float32-computed bf16 run is exact
-    metrics = memorization(model, data)
-    metrics["holdout_ppl"] = perplexity(model, data.general_val)
+    with bf16_arithmetic(next(model.parameters()).device, weight_dtype(config["dtype"]) == torch.bfloat16):
+        metrics = memorization(model, data)
+        metrics["holdout_ppl"] = perplexity(model, data.general_val)
     out = Path(config["out_dir"])
     save_checkpoint(out / f"{method}.pt", model, kind=method, config=config, metrics=metrics, data=data.config,
                     **stats)

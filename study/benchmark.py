@@ -8,6 +8,7 @@ $ python study/benchmark.py --quantizers out      # the quantizer table: each qu
 $ python study/benchmark.py --step data/models/smollm2   # one fine-tuning step of that model, float32 vs pure bf16
 """
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -66,9 +67,9 @@ def quantizer_table(out_dir):
 
 def step_times(hf_dir, batch=16, T=48, repeat=2):
     """Seconds of one fine-tuning step (forward, backward, AdamW) of the Hugging Face model in hf_dir on a batch of
-    the study's shape (16 windows of 48 tokens), the better of `repeat` steps each: float32; pure bf16 with bf16
-    arithmetic (fast only with AVX512-BF16 or AMX; torch emulates it elsewhere); pure bf16 as float32 arithmetic
-    rounded to bf16 after each step (train.adamw), what the study runs where train.bf16_native says no; and float32
+    the study's shape (16 windows of 48 tokens), the better of `repeat` steps each: float32; pure bf16 with the
+    hardware's bf16 matmuls (fast only with AVX512-BF16 or AMX; torch emulates them elsewhere); pure bf16 with the
+    matmuls in float32 (train.Bf16Matmuls), what the study runs where train.bf16_native says no; and float32
     weights and AdamW with bf16 matmuls (train.py --amp, torch.autocast)."""
     import torch
     sys.path.insert(0, str(ROOT))
@@ -79,21 +80,22 @@ def step_times(hf_dir, batch=16, T=48, repeat=2):
     print(f"{cpu_name()}, {os.cpu_count()} cores, {torch_threads()} thread(s), torch CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; bf16 arithmetic judged {'native' if native else 'slow'} "
           f"(train.bf16_native)\n\n| weights | arithmetic | seconds a step |\n|---|---|---|")
-    for stored, compute, amp in ((torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, False),
-                                 (torch.bfloat16, torch.float32, False), (torch.float32, torch.float32, True)):
-        model = pretrained.load_base(hf_dir, T, "cpu", compute).train()
+    for stored, matmuls, amp in ((torch.float32, "float32", False), (torch.bfloat16, "bf16", False),
+                                 (torch.bfloat16, "float32 (Bf16Matmuls)", False), (torch.float32, "bf16", True)):
+        model = pretrained.load_base(hf_dir, T, "cpu", stored).train()
         opt = train.adamw(model.parameters(), stored, lr=1e-5)
         x = torch.randint(0, model.hf.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
         best = float("inf")
         for _ in range(repeat):
             t0 = time.time()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                _, loss = model(x, x)
-            opt.zero_grad()
-            loss.backward()
+            with train.Bf16Matmuls() if "Bf16Matmuls" in matmuls else contextlib.nullcontext():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    _, loss = model(x, x)
+                opt.zero_grad()
+                loss.backward()
             opt.step()
             best = min(best, time.time() - t0)
-        arithmetic = "bf16 autocast (--amp)" if amp else str(compute)[6:]
+        arithmetic = f"matmuls in {matmuls}" + (" (--amp)" if amp else "")
         print(f"| {str(stored)[6:]} | {arithmetic} | {best:.2f} |", flush=True)
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import task_arithmetic as ta
+import train as T
 import unlearn as U
 import unlearn_ga as ga
 import unlearn_memflex as mf
 import unlearn_npo as npo
 from data.prepare import Seqs
-from model import GPT, GPTConfig, load_checkpoint, score
+from model import GPT, GPTConfig, block_linears, load_checkpoint, score
 
 
 def toy(seed=0, n=6, T=12, V=40):
@@ -294,6 +295,25 @@ def test_pure_bf16_run_keeps_bf16_weights(tiny, tiny_target):
     model, ckpt = load_checkpoint(tiny_target / "ga.pt")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert ckpt["metrics"]["forget_ma"] < tiny.summary["target"]["forget_ma"]
+
+
+def test_pure_bf16_where_bf16_is_slow_runs_its_matmuls_in_float32(tiny, tiny_target, monkeypatch):
+    """Where bf16 matmuls are slow, a pure-bf16 run keeps bf16 weights and runs every matmul, forward and backward,
+    through train.Bf16Matmuls; it unlearns as the hardware's bf16 arithmetic does, up to float order."""
+    argv = ["--out_dir", str(tiny_target), "--steps", "5", "--lr", "3e-3", "--dtype", "bfloat16"]
+    native = ga.main(argv)
+    seen = []
+    dispatch = T.Bf16Matmuls.__torch_dispatch__
+    monkeypatch.setattr(T, "bf16_native", lambda device: False)
+    monkeypatch.setattr(T.Bf16Matmuls, "__torch_dispatch__",
+                        lambda self, func, *a, **k: seen.append(func) or dispatch(self, func, *a, **k))
+    emulated = ga.main(argv)
+    model, _ = load_checkpoint(tiny_target / "ga.pt")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    mm = [f for f in seen if f in T.MATMULS]
+    assert len(mm) > 5 * 2 * len(block_linears(model))  # forward and backward, every step
+    assert emulated["forget_ma"] == pytest.approx(native["forget_ma"], abs=0.02)
+    assert emulated["retain_ma"] == pytest.approx(native["retain_ma"], abs=0.02)
 
 
 @pytest.mark.parametrize("argv, message", [(["--retain", "l2"], "use none, gdr or klr"),
