@@ -65,11 +65,12 @@ MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten
 
 
 class Bf16Matmuls(TorchDispatchMode):
-    """bf16 arithmetic at float32 speed where bf16 matmuls are slow: every matmul of bf16 tensors, forward and
-    backward (the mode sees each aten op autograd runs), is computed in float32 on the bf16 numbers and its result
-    rounded to bf16 once. That is what a bf16 matmul kernel computes (products exact in float32, float32 sums, one
-    rounding), up to the order of the sums; every other op stays in bf16, as natively. On a CPU without AVX512-BF16
-    or AMX, torch emulates bf16 matmuls about 30x slower than float32, and they are 98% of a SmolLM2 step's time."""
+    """bf16 arithmetic at float32 speed where bf16 matmuls are slow: every matmul of bf16 tensors (mm, bmm, addmm,
+    baddbmm: what Linear layers and attention come down to), forward and backward (the mode sees each aten op autograd
+    runs), is computed in float32 on the bf16 numbers and its result rounded to bf16 once. That is what a bf16 matmul
+    kernel computes (products exact in float32, float32 sums, one rounding), up to the order of the sums; every other
+    op stays in bf16, as natively. On a CPU without AVX512-BF16 or AMX torch emulates bf16 matmuls some 30x slower
+    than float32, and they are nearly all of a step's time (RESULTS.md, 1a)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in MATMULS and any(torch.is_tensor(a) and a.dtype == torch.bfloat16 for a in args):
