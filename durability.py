@@ -169,8 +169,9 @@ def relearn_model(cfg, rcfg, name):
     model, ckpt = M.load_checkpoint(out / f"{name}.pt", dev)
     data = load_data(DataConfig(**ckpt["data"]), out)
     dtype = M.weight_dtype(cfg.dtype)
-    with bf16_arithmetic(dev, dtype == torch.bfloat16):
-        curves = {a: relearn(M.to_dtype(model, dtype), data, a, rcfg, cfg.seed, dtype) for a in ATTACKS}
+    model = M.to_dtype(model, dtype)
+    with bf16_arithmetic(model):
+        curves = {a: relearn(model, data, a, rcfg, cfg.seed, dtype) for a in ATTACKS}
     write_json(path, dict(key=key, curves=curves, seconds=round(time.time() - t, 2)))
     return json.loads(path.read_text())["curves"]  # as read back: k as a string, the same as from the cache
 

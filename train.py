@@ -78,10 +78,11 @@ class Bf16Matmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def bf16_arithmetic(device, on=True):
-    """The context that bf16 arithmetic runs in on the device: the hardware's own where bf16_native, else
-    Bf16Matmuls (when `on`: a float32 run needs neither)."""
-    return Bf16Matmuls() if on and not bf16_native(str(device)) else contextlib.nullcontext()
+def bf16_arithmetic(model):
+    """The context the model's arithmetic runs in: Bf16Matmuls for a bf16 model where bf16 matmuls are slow
+    (bf16_native), else none (the hardware's bf16, or float32)."""
+    p = next(model.parameters())
+    return Bf16Matmuls() if p.dtype == torch.bfloat16 and not bf16_native(str(p.device)) else contextlib.nullcontext()
 
 
 def adamw(params, dtype, **kw):
@@ -152,7 +153,7 @@ def exposure_order(data, n_mem, epochs, gen, polish=0):
 def memorized(model, data, splits, kinds=("book", "facts")):
     """The lowest exact match over the memorized kinds of text (secrets are memorized by degrees on purpose, each
     seen 1 to 128 times) and the splits: what the target's polish phase raises to --until_exact."""
-    with bf16_arithmetic(next(model.parameters()).device, next(model.parameters()).dtype == torch.bfloat16):
+    with bf16_arithmetic(model):
         res = memorization(model.eval(), data, splits, by_kind=True)["by_kind"]
     model.train()
     return min(res[k][f"{s}_exact"] for k in kinds if k in res for s in splits)
@@ -176,8 +177,7 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None)
     arithmetic: with --amp, float32 weights and AdamW (the master copy) and the forward pass in bf16 (torch.autocast,
     as mixed-precision training does) where bf16_native, else float32 as without it."""
     dev, T = next(model.parameters()).device, data.config["seq_len"]
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
-    amp = cfg.amp and not bf16 and bf16_native(str(dev))
+    amp = cfg.amp and next(model.parameters()).dtype == torch.float32 and bf16_native(str(dev))
     opt = adamw(model.parameters(), weight_dtype(cfg.dtype), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     n_mem = int(cfg.batch_size * cfg.mem_frac) if memorize else 0
     batches, passes, pool = exposure_order(data, n_mem, cfg.tune_epochs, gen, cfg.max_polish) if memorize else (
@@ -200,7 +200,7 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None)
             mx = mem_x[pick]
             my = torch.where(torch.arange(1, T)[None] < mem_len[pick, None], mx[:, 1:], -1)
             x, y = torch.cat([x, mx[:, :-1]]), torch.cat([y, my])
-        with bf16_arithmetic(dev, bf16):
+        with bf16_arithmetic(model):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 _, loss = model(x.to(dev), y.to(dev))
             if not torch.isfinite(loss):
@@ -338,7 +338,7 @@ def train_all(cfg, dcfg):
             model, seen = train(model.train(), data, cfg, cfg.tune_lr, torch.Generator().manual_seed(cfg.seed + 1),
                                 name, memorize=splits, polish=polish)
         model = to_dtype(model, stored).eval()  # what is measured is what is released
-        with bf16_arithmetic(dev, stored == torch.bfloat16):
+        with bf16_arithmetic(model):
             stats = memorization(model, data, by_kind=True)
             stats["holdout_ppl"] = perplexity(model, data.general_val)
         stats["seconds"], stats["exposures"] = round(time.time() - t0, 1), seen

@@ -129,7 +129,7 @@ def unlearn(model, data, forget_loss, cfg, rcfg=RetainConfig(), mask=None, pick=
     it is given (or when rcfg.sure computes one, then with lr x10); every other parameter is frozen, not merely
     given a zero gradient, so it stays bit-identical. pick(model, forget) -> indices to draw the step's batch from,
     or None to stop. Returns (model, stats); a NaN/inf loss stops the run."""
-    with bf16_arithmetic(next(model.parameters()).device, weight_dtype(cfg.dtype) == torch.bfloat16):
+    with bf16_arithmetic(model):
         t0 = time.time()
         forget, retain = data.split("forget"), data.split("retain")
         reg, lr = retain_term(rcfg.retain, model), cfg.lr
@@ -150,7 +150,8 @@ def unlearn(model, data, forget_loss, cfg, rcfg=RetainConfig(), mask=None, pick=
             batch = forget.select(pool[torch.randperm(len(pool), generator=gen)[:cfg.batch_size]])
             losses = {"forget": forget_loss(model, batch)}
             if reg is not None:
-                losses["retain"] = reg(model, retain.select(torch.randperm(len(retain), generator=gen)[:cfg.batch_size]))
+                draw = torch.randperm(len(retain), generator=gen)[:cfg.batch_size]
+                losses["retain"] = reg(model, retain.select(draw))
             for name, v in losses.items():
                 if not torch.isfinite(v):
                     raise SystemExit(f"step {step}: the {name} loss is {v.item()}; stopped, nothing saved. "
@@ -193,7 +194,7 @@ def method_name(base, rcfg):
 def save_result(method, model, data, stats, *cfgs):
     """Measures the unlearned model and writes out_dir/<method>.pt and out_dir/<method>.json, both atomically."""
     config = {k: v for c in cfgs for k, v in asdict(c).items()}
-    with bf16_arithmetic(next(model.parameters()).device, weight_dtype(config["dtype"]) == torch.bfloat16):
+    with bf16_arithmetic(model):
         metrics = memorization(model, data)
         metrics["holdout_ppl"] = perplexity(model, data.general_val)
     out = Path(config["out_dir"])

@@ -31,7 +31,6 @@ import torch
 from torch.nn import functional as F
 
 from data.prepare import encoder
-from model import weight_dtype
 from settings import check_range, cli
 from train import bf16_arithmetic
 from unlearn import RetainConfig, UnlearnConfig, block_grads, ce_loss, load_target, save_result, unlearn, xy
@@ -128,8 +127,9 @@ def main(argv=None):
     cfg, mcfg = cli(__doc__, *SETTINGS, argv=argv)
     model, data = load_target(cfg)
     gen, ids = torch.Generator().manual_seed(cfg.seed), drawable_ids(data)
-    with bf16_arithmetic(next(model.parameters()).device, weight_dtype(cfg.dtype) == torch.bfloat16):
-        g_forget, g_retain = [localization_grads(model, data.split(s), mcfg, ids, gen) for s in ("forget", "retain")]
+    with bf16_arithmetic(model):
+        g_forget, g_retain = (localization_grads(model, data.split(s), mcfg, ids, gen)
+                              for s in ("forget", "retain"))
     mask, table = localize(g_forget, g_retain, mcfg.mu, mcfg.sigma, mcfg.select)
     for n, (s, m) in table.items():
         print(f"{n:28s} cos {s:6.3f} mean|g| {m:.2e}{'  <- unlearned here' if n in mask else ''}")

@@ -124,6 +124,7 @@ def test_bf16_storage_loses_an_update_below_half_a_spacing():
     assert torch.equal(big.detach(), torch.ones_like(big)) and (small.detach() < before).all()
     stored = [big, small, *(v for p in (big, small) for k, v in opt.state[p].items() if k != "step")]
     assert all(t.dtype == torch.bfloat16 for t in stored)
+    assert all(torch.equal(t.detach().float(), t.detach().bfloat16().float()) for t in stored)  # bf16 numbers
     float_opt = T.adamw([torch.nn.Parameter(torch.ones(8))], torch.float32, lr=1e-3)
     float_opt.param_groups[0]["params"][0].grad = torch.ones(8)
     float_opt.step()  # float32 storage keeps the update
@@ -151,10 +152,11 @@ def test_bf16_matmuls_round_the_float32_product_once_forward_and_backward():
 
 def test_bf16_arithmetic_follows_what_is_fast(monkeypatch):
     monkeypatch.setattr(T, "bf16_native", lambda device: False)
-    assert isinstance(T.bf16_arithmetic("cpu"), T.Bf16Matmuls)
-    assert not isinstance(T.bf16_arithmetic("cpu", on=False), T.Bf16Matmuls)  # a float32 run needs no mode
+    bf16, fp32 = torch.nn.Linear(2, 2).bfloat16(), torch.nn.Linear(2, 2)
+    assert isinstance(T.bf16_arithmetic(bf16), T.Bf16Matmuls)
+    assert not isinstance(T.bf16_arithmetic(fp32), T.Bf16Matmuls)  # a float32 run needs no mode
     monkeypatch.setattr(T, "bf16_native", lambda device: True)
-    assert not isinstance(T.bf16_arithmetic("cpu"), T.Bf16Matmuls)
+    assert not isinstance(T.bf16_arithmetic(bf16), T.Bf16Matmuls)
 
 
 @pytest.mark.parametrize("native", [True, False])
