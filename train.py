@@ -78,11 +78,13 @@ class Bf16Matmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def bf16_arithmetic(model):
-    """The context the model's arithmetic runs in: Bf16Matmuls for a bf16 model where bf16 matmuls are slow
-    (bf16_native), else none (the hardware's bf16, or float32)."""
+def bf16_arithmetic(model, amp=False):
+    """The context the model's arithmetic runs in: Bf16Matmuls where bf16 is in play (a bf16 model, or amp: float32
+    weights under bf16 autocast) and bf16 matmuls are slow (bf16_native), else none (the hardware's bf16, or
+    float32)."""
     p = next(model.parameters())
-    return Bf16Matmuls() if p.dtype == torch.bfloat16 and not bf16_native(str(p.device)) else contextlib.nullcontext()
+    bf16 = amp or p.dtype == torch.bfloat16
+    return Bf16Matmuls() if bf16 and not bf16_native(str(p.device)) else contextlib.nullcontext()
 
 
 def adamw(params, dtype, **kw):
@@ -98,7 +100,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' = cuda if present, else cpu
     dtype: str = "float32"  # float32, or bfloat16 for pure bf16 weights and optimizer (no float32 master copy)
     save_dtype: str = ""  # the models are stored in it: '' = --dtype; bfloat16 = trained in float32, released in bf16
-    amp: bool = False  # float32 weights, bf16 arithmetic (autocast: mixed precision) where bf16 is fast (bf16_native)
+    amp: bool = False  # float32 weights, bf16 arithmetic (autocast: mixed precision; Bf16Matmuls where bf16 is slow)
     seed: int = 1337  # initialisation and batch order
     base: str = ""  # '' = a GPT trained here on general text; 'hf:DIR' = the local Hugging Face causal LM in DIR
     n_layer: int = 4
@@ -175,9 +177,10 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None)
     Returns the model and the exposures it saw: per split, the times each sequence was in a batch, the number of
     general windows, the polish passes, the lowest book/facts exact match before polishing stopped, and the
     arithmetic: with --amp, float32 weights and AdamW (the master copy) and the forward pass in bf16 (torch.autocast,
-    as mixed-precision training does) where bf16_native, else float32 as without it."""
+    as mixed-precision training does), its matmuls the hardware's or, where those are slow, Bf16Matmuls: the same
+    arithmetic on every machine, up to float order."""
     dev, T = next(model.parameters()).device, data.config["seq_len"]
-    amp = cfg.amp and next(model.parameters()).dtype == torch.float32 and bf16_native(str(dev))
+    amp = cfg.amp and next(model.parameters()).dtype == torch.float32
     opt = adamw(model.parameters(), weight_dtype(cfg.dtype), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     n_mem = int(cfg.batch_size * cfg.mem_frac) if memorize else 0
     batches, passes, pool = exposure_order(data, n_mem, cfg.tune_epochs, gen, cfg.max_polish) if memorize else (
@@ -200,7 +203,7 @@ def train(model, data, cfg, lr, gen, name, memorize=(), steps=None, polish=None)
             mx = mem_x[pick]
             my = torch.where(torch.arange(1, T)[None] < mem_len[pick, None], mx[:, 1:], -1)
             x, y = torch.cat([x, mx[:, :-1]]), torch.cat([y, my])
-        with bf16_arithmetic(model):
+        with bf16_arithmetic(model, amp):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 _, loss = model(x.to(dev), y.to(dev))
             if not torch.isfinite(loss):
@@ -258,7 +261,8 @@ def train_environment(cfg):
     without the code's hash, so that an edit elsewhere keeps the models; the study's rows key on the code and on
     the target's hash, so a retrained target is measured again."""
     dev = pick_device(cfg.device)
-    env = environment(dev, cfg.base, torch.get_num_threads(), bf16_native(dev) if cfg.dtype == "bfloat16" else None)
+    env = environment(dev, cfg.base, torch.get_num_threads(), bf16_native(dev) if cfg.dtype == "bfloat16" or cfg.amp
+                      else None)
     return {k: v for k, v in env.items() if k != "code"}
 
 

@@ -70,7 +70,8 @@ def step_times(hf_dir, batch=16, T=48, repeat=2):
     the study's shape (16 windows of 48 tokens), the better of `repeat` steps each: float32; pure bf16 with the
     hardware's bf16 matmuls (fast only with AVX512-BF16 or AMX; torch emulates them elsewhere); pure bf16 with the
     matmuls in float32 (train.Bf16Matmuls), what the study runs where train.bf16_native says no; and float32
-    weights and AdamW with bf16 matmuls (train.py --amp, torch.autocast)."""
+    weights and AdamW with bf16 autocast (train.py --amp), its matmuls as train.py runs them (Bf16Matmuls where
+    slow)."""
     import torch
     sys.path.insert(0, str(ROOT))
     import pretrained
@@ -80,8 +81,10 @@ def step_times(hf_dir, batch=16, T=48, repeat=2):
     print(f"{cpu_name()}, {os.cpu_count()} cores, {torch_threads()} thread(s), torch CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; bf16 arithmetic judged {'native' if native else 'slow'} "
           f"(train.bf16_native)\n\n| weights | arithmetic | seconds a step |\n|---|---|---|")
+    emulated = "float32 (Bf16Matmuls)"
     for stored, matmuls, amp in ((torch.float32, "float32", False), (torch.bfloat16, "bf16", False),
-                                 (torch.bfloat16, "float32 (Bf16Matmuls)", False), (torch.float32, "bf16", True)):
+                                 (torch.bfloat16, emulated, False),
+                                 (torch.float32, "bf16" if native else emulated, True)):
         model = pretrained.load_base(hf_dir, T, "cpu", stored).train()
         opt = train.adamw(model.parameters(), stored, lr=1e-5)
         x = torch.randint(0, model.hf.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
