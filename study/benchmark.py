@@ -81,23 +81,22 @@ def step_times(hf_dir, batch=16, T=48, repeat=2):
     print(f"{cpu_name()}, {os.cpu_count()} cores, {torch_threads()} thread(s), torch CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; bf16 arithmetic judged {'native' if native else 'slow'} "
           f"(train.bf16_native)\n\n| weights | arithmetic | seconds a step |\n|---|---|---|")
-    emulated = "float32 (Bf16Matmuls)"
-    for stored, matmuls, amp in ((torch.float32, "float32", False), (torch.bfloat16, "bf16", False),
-                                 (torch.bfloat16, emulated, False),
-                                 (torch.float32, "bf16" if native else emulated, True)):
+    for stored, mode, amp in ((torch.float32, False, False), (torch.bfloat16, False, False),
+                              (torch.bfloat16, True, False), (torch.float32, not native, True)):
         model = pretrained.load_base(hf_dir, T, "cpu", stored).train()
         opt = train.adamw(model.parameters(), stored, lr=1e-5)
         x = torch.randint(0, model.hf.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
         best = float("inf")
         for _ in range(repeat):
             t0 = time.time()
-            with train.Bf16Matmuls() if "Bf16Matmuls" in matmuls else contextlib.nullcontext():
+            with train.Bf16Matmuls() if mode else contextlib.nullcontext():
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                     _, loss = model(x, x)
                 opt.zero_grad()
                 loss.backward()
             opt.step()
             best = min(best, time.time() - t0)
+        matmuls = "float32 (Bf16Matmuls)" if mode else "bf16" if amp or stored == torch.bfloat16 else "float32"
         arithmetic = f"matmuls in {matmuls}" + (" (--amp)" if amp else "")
         print(f"| {str(stored)[6:]} | {arithmetic} | {best:.2f} |", flush=True)
 

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and immune to other processes on the same cores
 
 from data.prepare import DataConfig  # noqa: E402
+import train as T  # noqa: E402
 from train import TrainConfig  # noqa: E402
 
 SYLLABLES = "ka lo mi ren tor vas bel qui dra sen mor fi lun gar ost pel zim har nu cal tesh ro vin dor a e i".split()
@@ -52,6 +53,15 @@ def tiny_configs(out_dir):
     cfg = TrainConfig(out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=64, base_steps=30,
                       tune_lr=1e-2, log_interval=1000)
     return cfg, dcfg
+
+
+@pytest.fixture
+def mode_ops(monkeypatch):
+    """The aten ops train.Bf16Matmuls sees from here on, in order (it still computes them)."""
+    seen, dispatch = [], T.Bf16Matmuls.__torch_dispatch__
+    monkeypatch.setattr(T.Bf16Matmuls, "__torch_dispatch__",
+                        lambda self, func, *a, **k: seen.append(func) or dispatch(self, func, *a, **k))
+    return seen
 
 
 @pytest.fixture(scope="session")

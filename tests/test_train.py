@@ -160,14 +160,10 @@ def test_bf16_arithmetic_follows_what_is_fast(monkeypatch):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_amp_is_bf16_arithmetic_over_float32_weights_on_every_machine(tiny, monkeypatch, native):
+def test_amp_is_bf16_arithmetic_over_float32_weights_on_every_machine(tiny, monkeypatch, mode_ops, native):
     """--amp: the forward pass in bf16 (autocast) while the weights and AdamW stay float32; where bf16 matmuls are
     slow they run through Bf16Matmuls, forward and backward, so the run is mixed precision there too."""
     monkeypatch.setattr(T, "bf16_native", lambda device: native)
-    seen = []
-    dispatch = T.Bf16Matmuls.__torch_dispatch__
-    monkeypatch.setattr(T.Bf16Matmuls, "__torch_dispatch__",
-                        lambda self, func, *a, **k: seen.append(func) or dispatch(self, func, *a, **k))
     data, base = load_data(tiny.dcfg, tiny.out_dir), load_checkpoint(tiny.out_dir / "base.pt")[0]
     run = lambda amp: train(copy.deepcopy(base), data, replace(tiny.cfg, amp=amp), 1e-3,
                             torch.Generator().manual_seed(0), "t", memorize=("forget", "retain"), steps=3, polish=0)
@@ -175,5 +171,5 @@ def test_amp_is_bf16_arithmetic_over_float32_weights_on_every_machine(tiny, monk
     assert seen32["arithmetic"] == "float32" and seen_amp["arithmetic"] == "bf16 autocast"
     assert all(p.dtype == torch.float32 for p in mixed.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(fp32.parameters(), mixed.parameters()))  # bf16 moved them
-    routed = sum(f in T.MATMULS for f in seen)
+    routed = sum(f in T.MATMULS for f in mode_ops)
     assert routed == 0 if native else routed > 3 * 2 * len(block_linears(base))  # forward and backward, every step
