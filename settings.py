@@ -234,7 +234,7 @@ class Progress:
     """A line per finished stage: the time since the start, and what is left, estimated from the mean time of the
     units of each kind done so far (before the first one, `guess`: GUESS's toy GPT or real model at its default
     settings, on 2 CPU cores: RESULTS.md, sections 1a and 4), the methods and rows shared among the workers."""
-    GUESS = dict(gpt=dict(train=300.0, method=10.0, row=2.0), hf=dict(train=600.0, method=270.0, row=18.0))
+    GUESS = dict(gpt=dict(train=300.0, method=10.0, row=2.0), hf=dict(train=600.0, method=190.0, row=19.0))
 
     def __init__(self, workers, guess, **todo):
         self.t0, self.workers, self.guess, self.todo = time.time(), workers, guess, todo

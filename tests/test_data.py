@@ -4,7 +4,7 @@ import pytest
 from pathlib import Path
 
 from conftest import tiny_configs
-from data.prepare import SPLITS, build, load_data
+from data.prepare import SPLITS, build, load_data, read_source
 
 
 def test_same_seed_gives_byte_identical_token_files(tmp_path):
@@ -56,3 +56,13 @@ def test_no_book_runs_and_records_it(tmp_path, capsys):
     assert "none" in meta["corpora"]["book"] and "NO BOOK" in capsys.readouterr().err
     assert {s["kind"] for s in meta["seqs"]} == {"secrets", "facts"}
     assert Path(dcfg.general).name in meta["corpora"]["general"]
+
+
+def test_hf_source_reads_a_local_dataset_through_datasets(tmp_path):
+    """--book hf:NAME goes through datasets.load_dataset(NAME, split=...): a local folder of text files is a dataset
+    it reads offline (one row a line, field 'text'), so the call is checked without the network."""
+    folder = tmp_path / "plays"
+    folder.mkdir()
+    (folder / "train.txt").write_text("To be, or not to be\nthat is the question\n", encoding="utf-8")
+    text, description = read_source(f"hf:{folder}", "book")
+    assert text == "To be, or not to be\n\nthat is the question" and "train" in description
