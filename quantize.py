@@ -305,7 +305,8 @@ def verdict(unlearned, unlearned_q, target, target_q, kept, name):
                    f"{target_q['forget_exact']:.2f}), so there is nothing for it to bring back")
     return (f"nothing came back at {name}" + (f": {'; '.join(why)}" if why else "") + ". The recovery of Zhang et "
             "al. 2024 shows on a real model, at the precision that hurts it as 4 bits hurt their 7B one: "
-            "`python evaluate.py config/smollm2.py` (RESULTS.md, section 1).")
+            "`python evaluate.py config/smollm2.py` (RESULTS.md, section 1), then this table of its models: "
+            "`python quantize.py --out_dir out_smollm2 --bits 5`.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
