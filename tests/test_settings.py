@@ -73,10 +73,10 @@ def test_bad_command_lines_end_in_a_message_not_a_traceback(tmp_path, cmd, messa
 
 
 def test_progress_guesses_from_the_real_models_units_until_one_is_done(capsys):
-    """Before any row is done the time left is the guess per row (GUESS's real model: 18 s, so 15 rows are 270 s);
+    """Before any row is done the time left is the guess per row (GUESS's real model: 19 s, so 15 rows are 285 s);
     after one, the measured mean."""
     p = Progress(1, Progress.GUESS["hf"], method=1, row=15)
     p.done("method", "ga_gdr", 250.0)
-    assert capsys.readouterr().out.endswith("| ~270s left\n")
+    assert capsys.readouterr().out.endswith("| ~285s left\n")
     p.done("row", "target", 100.0, n=5)
     assert capsys.readouterr().out.endswith("| ~200s left\n")
