@@ -1,9 +1,9 @@
 """
 The real-model study (RESULTS.md, section 1): SmolLM2-135M fine-tuned in float32 past exact recall of 16 bios and
 released in bf16, unlearned by GA+GDR in pure bf16 at four times the paper's learning rate for 75 steps (the cell of
-the lr x steps map, RESULTS.md 1e, with the same lr x steps as 3e-5 x 100 and 2e-5 x 150, in three quarters of the
-time of the first), read at int8, RTN per channel at 5 bits (where the target keeps most of its memorization) and
-FP4 (bitsandbytes' load_in_4bit default).
+the lr x steps map, RESULTS.md 1e, with the lr x steps of the previous default, 3e-5 x 100, in three quarters of its
+steps), read at int8, RTN per channel at 5 bits (where the target keeps most of its memorization) and FP4
+(bitsandbytes' load_in_4bit default).
 
 $ python evaluate.py config/smollm2.py                         # one seed
 $ python evaluate.py config/smollm2.py --seeds 1337,1338,1339  # flags after the config win over it
